@@ -1,0 +1,89 @@
+/* Internal: matmul kernels. The scalar reference (kernels-ref.c) is the definition; every SIMD path must
+ * produce bit-identical output (integer sums equal, float combination shared: pbs2p_sb_combine_row).
+ * Kernel selection lives in one place: kernels.c (pbs2p_kernels_get). See docs/format.md for the math. */
+#ifndef PBS2P_KERNELS_H
+#define PBS2P_KERNELS_H
+
+#include <stdint.h>
+#include "pbs2p.h"
+
+/* A sparse-binary linear layer, pointing into the mapped file (docs/format.md "sparse-binary encoding"). */
+typedef struct pbs2p_sb_weight {
+    int32_t n_out;        /* R rows */
+    int32_t n_in;         /* K columns */
+    int32_t n_terms;      /* T >= 1 */
+    int32_t n_words;      /* W = ceil(K/64) */
+    int32_t n_blocks;     /* nb = ceil(K/bs) */
+    int32_t block_words;  /* bs/64 */
+    const uint64_t *planes; /* [R][T][2][W]: pos plane then neg plane per term (64-byte aligned base) */
+    const uint16_t *alpha;  /* f16 [R][T][nb] */
+    const uint16_t *mu;     /* f16 [R][nb] */
+} pbs2p_sb_weight;
+
+/* One or more tokens' activations, quantized for sparse-binary layers of input size K (= n_in). */
+typedef struct pbs2p_sb_act {
+    int32_t n_tok;
+    int32_t n_words;      /* W */
+    int32_t n_blocks;     /* nb */
+    int32_t block_words;
+    int8_t *q;            /* [n_tok][W*64] int8 values, zero padded */
+    float *scale;         /* [n_tok][nb]  s_b = amax_b / 127 */
+    uint64_t *xplanes;    /* [n_tok][W][8]  bit-plane k of u = q + 128, per 64-column word */
+} pbs2p_sb_act;
+
+/* Bytes needed for the three arrays of an act of n_tok tokens and K columns (caller allocates, 64-aligned). */
+size_t pbs2p_sb_act_bytes(int32_t n_tok, int32_t K, int32_t block_size);
+/* Lay out act over `mem` (pbs2p_sb_act_bytes bytes, 64-byte aligned). */
+void pbs2p_sb_act_init(pbs2p_sb_act *act, void *mem, int32_t n_tok, int32_t K, int32_t block_size);
+/* Quantize tokens [t0, t1) of x ([n_tok][K] f32) into act (q, scale, xplanes). Reference definition. */
+void pbs2p_sb_quantize_ref(pbs2p_sb_act *act, const float *x, int32_t K, int32_t t0, int32_t t1);
+
+/* The shared float combination of one row (docs/format.md order): sums are [T][nb] pos and [T][nb] neg
+ * int32, xs the token's nb block scales. */
+float pbs2p_sb_combine_row(const pbs2p_sb_weight *w, int32_t row, const int32_t *spos, const int32_t *sneg,
+                           const float *xs);
+
+/* Integer sums of one row for one token: spos/sneg [T][nb]. Reference definition. */
+void pbs2p_sb_row_sums_ref(const pbs2p_sb_weight *w, int32_t row, const pbs2p_sb_act *act, int32_t tok,
+                           int32_t *spos, int32_t *sneg);
+
+/* y[t][r] for t < act->n_tok and r in [r0, r1), y row stride ldy floats. Adds nothing (no bias). */
+typedef void (*pbs2p_sb_gemm_fn)(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy,
+                                 int32_t r0, int32_t r1);
+/* Same contract, integer part only: sums [n_tok][r1-r0][2][T][nb] (for the bit-exact kernel tests). */
+typedef void (*pbs2p_sb_sums_fn)(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums,
+                                 int32_t r0, int32_t r1);
+
+/* Q8_0 (ggml layout: f16 d + 32 int8) × Q8_0-quantized activations with f32 block scales. */
+typedef struct pbs2p_q8_act {
+    int32_t n_tok, n_blocks;  /* K / 32 blocks */
+    int8_t *q;                /* [n_tok][K] */
+    float *d;                 /* [n_tok][n_blocks] */
+} pbs2p_q8_act;
+/* d = amax/127, q = roundf(x * (127/amax)) (0 when amax == 0) — same rule as the sparse-binary quantizer. */
+void pbs2p_q8_quantize_ref(pbs2p_q8_act *act, const float *x, int32_t K, int32_t t0, int32_t t1);
+/* y[t][r] = Σ_blocks d_w · d_x · Σ q_w q_x, blocks ascending, for rows [r0, r1) of W (rows of K/32 blocks). */
+typedef void (*pbs2p_q8_gemm_fn)(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
+                                 int32_t r0, int32_t r1);
+
+typedef struct pbs2p_kernels {
+    const char *name;           /* "scalar", "avx2", "avx512", "neon" */
+    pbs2p_sb_gemm_fn sb_gemm;
+    pbs2p_sb_sums_fn sb_sums;
+    pbs2p_q8_gemm_fn q8_gemm;
+} pbs2p_kernels;
+
+/* Reference kernels (always available). */
+void pbs2p_sb_gemm_ref(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy,
+                       int32_t r0, int32_t r1);
+void pbs2p_sb_sums_ref(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums, int32_t r0, int32_t r1);
+void pbs2p_q8_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
+                       int32_t r0, int32_t r1);
+extern const pbs2p_kernels pbs2p_kernels_ref;
+
+/* The kernel table in use (chosen once from CPUID / PBS2P_KERNEL / pbs2p_set_kernel). Thread-safe. */
+const pbs2p_kernels *pbs2p_kernels_get(void);
+/* Look up a table by name if this build and CPU support it (NULL otherwise). */
+const pbs2p_kernels *pbs2p_kernels_find(const char *name);
+
+#endif
