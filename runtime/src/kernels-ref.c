@@ -45,6 +45,7 @@ static void quantize_block(const float *x, int32_t n, int8_t *q, float *scale) {
         float v = roundf(x[j] * inv);
         if (v > 127.0f) v = 127.0f;
         if (v < -127.0f) v = -127.0f;
+        if (v != v) v = 0.0f; /* 0·inf when 127/amax overflows (subnormal amax): x = 0 still gives q = 0 */
         q[j] = (int8_t)v;
     }
     *scale = amax / 127.0f;

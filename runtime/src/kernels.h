@@ -81,6 +81,16 @@ void pbs2p_q8_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, flo
                        int32_t r0, int32_t r1);
 extern const pbs2p_kernels pbs2p_kernels_ref;
 
+/* SIMD tables (kernels-x86.c, kernels-arm.c); use them through pbs2p_kernels_find, which checks the CPU. */
+#if defined(__x86_64__) || defined(__i386__)
+extern const pbs2p_kernels pbs2p_kernels_avx2;        /* AVX2 + POPCNT + F16C */
+extern const pbs2p_kernels pbs2p_kernels_avx512;      /* AVX512F + AVX512BW (+ F16C) */
+extern const pbs2p_kernels pbs2p_kernels_avx512vnni;  /* same name "avx512", Q8 dot products with VPDPBUSD */
+#endif
+#if defined(__ARM_NEON)
+extern const pbs2p_kernels pbs2p_kernels_neon;
+#endif
+
 /* The kernel table in use (chosen once from CPUID / PBS2P_KERNEL / pbs2p_set_kernel). Thread-safe. */
 const pbs2p_kernels *pbs2p_kernels_get(void);
 /* Look up a table by name if this build and CPU support it (NULL otherwise). */

@@ -1,0 +1,101 @@
+/* Kernel selection: the one place that looks at CPU features, PBS2P_KERNEL and pbs2p_set_kernel. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "kernels.h"
+
+typedef struct cpu_features {
+    int avx2, popcnt, f16c, avx512f, avx512bw, avx512vnni, avx512vpopcntdq, neon;
+} cpu_features;
+
+/* All feature detection. __builtin_cpu_supports also checks that the OS saves the wide registers (XCR0). */
+static cpu_features detect_cpu(void) {
+    cpu_features f = {0};
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    f.avx2 = __builtin_cpu_supports("avx2");
+    f.popcnt = __builtin_cpu_supports("popcnt");
+    f.f16c = __builtin_cpu_supports("f16c");
+    f.avx512f = __builtin_cpu_supports("avx512f");
+    f.avx512bw = __builtin_cpu_supports("avx512bw");
+    f.avx512vnni = __builtin_cpu_supports("avx512vnni");
+    f.avx512vpopcntdq = __builtin_cpu_supports("avx512vpopcntdq");
+#endif
+#if defined(__ARM_NEON)
+    f.neon = 1; /* baseline on aarch64; on armv7 this build was compiled with -mfpu=neon */
+#endif
+    return f;
+}
+
+static cpu_features cpu;
+static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
+static void cpu_init(void) { cpu = detect_cpu(); }
+
+static const pbs2p_kernels *find_best(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    /* The AVX-512 kernels use byte masks (AVX512BW) on 512-bit registers; F16C for the Q8 scales. */
+    if (cpu.avx512f && cpu.avx512bw && cpu.f16c && cpu.popcnt)
+        return cpu.avx512vnni ? &pbs2p_kernels_avx512vnni : &pbs2p_kernels_avx512;
+    if (cpu.avx2 && cpu.popcnt && cpu.f16c) return &pbs2p_kernels_avx2;
+#endif
+#if defined(__ARM_NEON)
+    if (cpu.neon) return &pbs2p_kernels_neon;
+#endif
+    return &pbs2p_kernels_ref;
+}
+
+const pbs2p_kernels *pbs2p_kernels_find(const char *name) {
+    pthread_once(&cpu_once, cpu_init);
+    if (name == NULL || strcmp(name, "auto") == 0) return find_best();
+    if (strcmp(name, "scalar") == 0) return &pbs2p_kernels_ref;
+#if defined(__x86_64__) || defined(__i386__)
+    if (strcmp(name, "avx2") == 0) return cpu.avx2 && cpu.popcnt && cpu.f16c ? &pbs2p_kernels_avx2 : NULL;
+    if (strcmp(name, "avx512") == 0) {
+        if (!(cpu.avx512f && cpu.avx512bw && cpu.f16c && cpu.popcnt)) return NULL;
+        return cpu.avx512vnni ? &pbs2p_kernels_avx512vnni : &pbs2p_kernels_avx512;
+    }
+#endif
+#if defined(__ARM_NEON)
+    if (strcmp(name, "neon") == 0) return cpu.neon ? &pbs2p_kernels_neon : NULL;
+#endif
+    return NULL;
+}
+
+static _Atomic(const pbs2p_kernels *) current;
+static pthread_once_t current_once = PTHREAD_ONCE_INIT;
+
+/* First use: PBS2P_KERNEL (scalar|avx2|avx512|neon|auto) or the best table. A bad value cannot fail a
+ * getter, so it is logged and ignored. */
+static void current_init(void) {
+    const char *env = getenv("PBS2P_KERNEL");
+    const pbs2p_kernels *k = NULL;
+    if (env != NULL && env[0] != '\0') {
+        k = pbs2p_kernels_find(env);
+        if (k == NULL)
+            pbs2p_log(PBS2P_LOG_WARN, "PBS2P_KERNEL=\"%s\" is not available on this CPU/build; using \"%s\"", env,
+                      find_best()->name);
+    }
+    if (k == NULL) k = pbs2p_kernels_find(NULL);
+    atomic_store(&current, k);
+}
+
+const pbs2p_kernels *pbs2p_kernels_get(void) {
+    pthread_once(&current_once, current_init);
+    return atomic_load_explicit(&current, memory_order_acquire);
+}
+
+const char *pbs2p_kernel_name(void) { return pbs2p_kernels_get()->name; }
+
+pbs2p_status pbs2p_set_kernel(const char *name) {
+    pthread_once(&current_once, current_init);
+    const pbs2p_kernels *k = pbs2p_kernels_find(name);
+    if (k == NULL)
+        return PBS2P_FAIL(PBS2P_ERR_UNSUPPORTED,
+                          "kernel \"%s\" is not available on this CPU/build (known: scalar, avx2, avx512, neon, auto)",
+                          name);
+    atomic_store_explicit(&current, k, memory_order_release);
+    return PBS2P_OK;
+}
