@@ -1,0 +1,370 @@
+"""Layer-wise PBS²P solver and its baselines, in the GPTQ frame (docs/algorithm.md, /work/shared/PBS2P.md).
+
+One linear layer at a time: W (R, K) and its input Hessian H = 2/n Σ x xᵀ (K, K) go in, the binary terms, the
+f16 scales and the fake-quant weights Ŵ come out. Symbols follow the papers: W, H, Hinv (upper Cholesky factor
+of H⁻¹), Err, α, μ, B. Per output row and column block (bs columns), over the kept entries:
+
+    Ŵ = α_0·B_0 + α_1·B_1 + μ   (kept),   Ŵ = 0   (pruned)
+
+which is exactly what `pbs2p.format.sb_value` computes from the packed file. α and μ are rounded to f16 as soon
+as a block is fitted, and the GPTQ error propagation uses that rounded Ŵ, so the compensation absorbs the f16
+rounding and `w_hat` equals the dequantized file bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pbs2p.format import n_blocks, sb_value
+
+log = logging.getLogger(__name__)
+
+METHODS = ("pbs2p", "sign", "billm", "arb", "stbllm")
+SCORES = ("obs", "magnitude")
+# Salient-column search (salient=True, billm): candidate column counts per block, capped at bs/8 columns
+# (≤ 1/8 extra sign bits, BiLLM's ≈1.1 bits).
+SALIENT_CANDIDATES = (0, 2, 4, 8, 16, 32)
+SALIENT_MAX_FRAC = 8
+MAX_DAMP_RETRIES = 6
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    method: str = "pbs2p"        # "pbs2p" | "sign" | "billm" | "arb" | "stbllm"
+    n: int = 6                   # kept per group; n == m means dense (no pruning)
+    m: int = 8                   # 4 or 8
+    block_size: int = 128        # column block (scales + error compensation), multiple of 64
+    percdamp: float = 0.01
+    arb_iters: int = 15
+    steps: int | None = None     # SPBO τ; None -> m - n; 0 -> prune by the static score, then binarize
+    score: str = "obs"           # "obs" (w²/[Hinv]_jj²) | "magnitude"
+    salient: bool = False        # second binary term on salient columns (BiLLM/ARB style)
+    compensate: bool = True      # GPTQ block error compensation
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {METHODS}")
+        if self.m not in (4, 8):
+            raise ValueError(f"m = {self.m}: N:M groups must have m = 4 or 8")
+        if not 1 <= self.n <= self.m:
+            raise ValueError(f"n = {self.n} must be in [1, m = {self.m}]")
+        if self.block_size <= 0 or self.block_size % 64:
+            raise ValueError(f"block_size {self.block_size} must be a positive multiple of 64")
+        if self.score not in SCORES:
+            raise ValueError(f"score {self.score!r} is not one of {SCORES}")
+        if self.steps is not None and self.steps < 0:
+            raise ValueError(f"steps = {self.steps} must be >= 0 or None")
+        if self.arb_iters < 0:
+            raise ValueError(f"arb_iters = {self.arb_iters} must be >= 0")
+        if not self.percdamp > 0:
+            raise ValueError(f"percdamp = {self.percdamp} must be > 0")
+
+    @property
+    def tau(self) -> int:
+        """SPBO steps actually taken: τ ≤ m − n (a step must prune at least one weight per group)."""
+        p = self.m - self.n
+        return p if self.steps is None else min(self.steps, p)
+
+    @property
+    def n_terms(self) -> int:
+        return 2 if (self.salient or self.method == "billm") else 1
+
+
+@dataclass
+class LayerResult:
+    terms: np.ndarray   # int8 (T, R, K) in {-1,0,1}; term 0 nonzeros = kept mask
+    alpha: np.ndarray   # float16 (R, T, nb)
+    mu: np.ndarray      # float16 (R, nb)
+    w_hat: torch.Tensor  # float32 (R, K) == torch.from_numpy(sb_value(terms, alpha, mu, block_size))
+    stats: dict = field(default_factory=dict)
+
+
+class HessianAccumulator:
+    """H = 2/n Σ x xᵀ over every input row seen (tokens), kept as a running mean like GPTQ's add_batch."""
+
+    def __init__(self, n_in: int, device=None):
+        self.n_in = n_in
+        self.H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.n_in:
+            raise ValueError(f"input last dim {x.shape[-1]} != n_in {self.n_in}")
+        x = x.detach().reshape(-1, self.n_in).to(self.H.device, torch.float32)
+        t = x.shape[0]
+        if t == 0:
+            return
+        self.H *= self.nsamples / (self.nsamples + t)
+        self.nsamples += t
+        x = (2.0 / self.nsamples) ** 0.5 * x
+        self.H += x.T @ x
+
+
+# --- binarizer pieces (all on one column block: W (R, c), mask (R, c) bool, per-row α, μ (R,)) -------------
+
+def _sgn(x: torch.Tensor) -> torch.Tensor:
+    """sign with sign(0) = +1, so every kept weight gets a ±1 bit."""
+    return (x >= 0).to(x.dtype).mul_(2).sub_(1)
+
+
+def _closed_form(W: torch.Tensor, B: torch.Tensor, n: torch.Tensor, q: torch.Tensor):
+    """Least-squares α, μ of W ≈ αB + μ over the kept entries, per row, with B already 0 on pruned entries:
+    n kept count, s = ΣB, p = ΣW·B, q = ΣW (kept);  α = (n·p − s·q)/(n² − s²),  μ = (n·q − s·p)/(n² − s²).
+    When n² = s² (all kept B equal, or nothing kept) only αB + μ is determined: take μ = 0, α = p/n."""
+    s, p = B.sum(1), (W * B).sum(1)
+    den = n * n - s * s
+    ok = den > 0
+    den = torch.where(ok, den, torch.ones_like(den))
+    alpha = torch.where(ok, (n * p - s * q) / den, p / n.clamp_min(1))
+    mu = torch.where(ok, (n * q - s * p) / den, torch.zeros_like(den))
+    return alpha, mu
+
+
+def _refine(W: torch.Tensor, mf: torch.Tensor, iters: int, B: torch.Tensor | None = None):
+    """ARB alternation on the kept entries (mf = float mask): (α, μ) ← closed form for B;
+    B ← sign((W − μ)·α). Each half-step is optimal given the other, so the error never increases; stops early
+    when B is a fixed point. Without a starting B, start from BiLLM's one-shot binarizer μ = mean W,
+    B = sign(W − μ), α = mean |W − μ| (returned as is if iters == 0). Returns α, μ (R,) and B (R, c) with
+    B = 0 on pruned entries; when iters > 0 the returned α, μ are the closed form of the returned B."""
+    n = mf.sum(1)
+    q = (W * mf).sum(1)
+    if B is None:
+        mu = q / n.clamp_min(1)
+        Wc = W - mu[:, None]
+        B = _sgn(Wc) * mf
+        alpha = (Wc * B).sum(1) / n.clamp_min(1)
+        if iters == 0:
+            return alpha, mu, B
+    else:
+        B = B * mf
+    for _ in range(max(iters, 1)):
+        alpha, mu = _closed_form(W, B, n, q)
+        if iters == 0:
+            break
+        B_new = _sgn((W - mu[:, None]) * alpha[:, None]) * mf
+        if torch.equal(B_new, B):
+            break
+        B = B_new
+    else:
+        alpha, mu = _closed_form(W, B, n, q)
+    return alpha, mu, B
+
+
+def _nm_prune(score: torch.Tensor, mask: torch.Tensor, count: int, m: int) -> torch.Tensor:
+    """Prune `count` more entries from every group of m consecutive columns of a row: the lowest-scoring ones
+    among those still kept. score, mask (R, c), c % m == 0."""
+    R, c = score.shape
+    s = score.masked_fill(~mask, float("inf")).view(R, c // m, m)
+    idx = torch.topk(s, count, dim=-1, largest=False).indices
+    out = mask.clone().view(R, c // m, m)
+    out.scatter_(-1, idx, False)
+    return out.view(R, c)
+
+
+def _q_value(terms: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Ŵ of one block from f16-representable α (R, T), μ (R,) and terms (T, R, c): the same float32 operations
+    in the same order as format.sb_value, so the result is bit-identical to the dequantized file."""
+    out = torch.zeros_like(terms[0])
+    for t in range(terms.shape[0]):
+        out = out + alpha[:, t:t + 1] * terms[t]
+    return out + mu[:, None] * (terms[0] != 0).to(out.dtype)
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _static_score(W: torch.Tensor, wt: torch.Tensor, kind: str) -> torch.Tensor:
+    """Importance before binarization: "obs" w²/[Hinv]_jj² (wt = 1/[Hinv]_jj²), "magnitude" |w|,
+    "act" |w|·‖x_j‖ (STBLLM/Wanda; wt = ‖x_j‖)."""
+    if kind == "obs":
+        return W * W * wt
+    if kind == "act":
+        return W.abs() * wt
+    return W.abs()
+
+
+def _spbo(W: torch.Tensor, wt: torch.Tensor, cfg: SolverConfig):
+    """SPBO on one block. Binarize the unpruned block, then prune m − n weights per group in τ steps; each step
+    prunes, in every group, the kept weights whose binarized value saves the least error,
+        gain_j = (w_j² − (w_j − μ − αB_j)²)·wt_j      (cost if pruned − cost if kept, wt = 1/[Hinv]_jj² or 1)
+    judged against the CURRENT fit, then refits α, μ, B (ARB alternation started from the current B) on the
+    survivors. τ = 0: mask from the static score first, then binarize (plain prune-then-binarize)."""
+    R, c = W.shape
+    p, tau = cfg.m - cfg.n, cfg.tau
+    mask = torch.ones_like(W, dtype=torch.bool)
+    if p and tau == 0:
+        mask = _nm_prune(_static_score(W, wt, cfg.score), mask, p, cfg.m)
+    alpha, mu, B = _refine(W, mask.to(W.dtype), cfg.arb_iters)
+    if tau == 0:
+        return mask, alpha, mu, B
+    for k in range(1, tau + 1):
+        cnt = p * k // tau - p * (k - 1) // tau
+        resid = W - mu[:, None] - alpha[:, None] * B
+        gain = (W * W - resid * resid) * wt
+        mask = _nm_prune(gain, mask, cnt, cfg.m)
+        alpha, mu, B = _refine(W, mask.to(W.dtype), cfg.arb_iters, B)
+    return mask, alpha, mu, B
+
+
+def _salient_term(W: torch.Tensor, wt: torch.Tensor, base: torch.Tensor, mf: torch.Tensor):
+    """Second binary term on the k most salient columns of the block (column score Σ_rows w²·wt): the residual
+    r = W − base on kept salient entries gets B_1 = sign(r), α_1 = mean |r| per row (f16). k is searched over
+    SALIENT_CANDIDATES (≤ c/8) minimising err_k + λ·k, λ = err_0/c: a column must pay for its bits by saving
+    more than an average column's share of the one-term error. Returns term (R, c), α_1 (R,), k."""
+    R, c = W.shape
+    err0 = ((W - base) ** 2 * wt).sum()
+    lam = err0 / c
+    order = torch.argsort((W * W * wt).sum(0), descending=True)
+    r = W - base
+    B1 = _sgn(r)
+    best = (err0, torch.zeros_like(W), torch.zeros(R, dtype=W.dtype, device=W.device), 0)
+    for k in SALIENT_CANDIDATES:
+        if k == 0 or k > c // SALIENT_MAX_FRAC:
+            continue
+        sal = torch.zeros(c, dtype=W.dtype, device=W.device)
+        sal[order[:k]] = 1.0
+        sm = mf * sal
+        term = B1 * sm
+        a1 = _f16((r.abs() * sm).sum(1) / sm.sum(1).clamp_min(1))
+        err = ((r - a1[:, None] * term) ** 2 * wt).sum()
+        if err + lam * k < best[0] + lam * best[3]:
+            best = (err, term, a1, k)
+    return best[1], best[2], best[3]
+
+
+def _fit_block(W: torch.Tensor, d: torch.Tensor, xnorm: torch.Tensor, cfg: SolverConfig):
+    """Fit one column block W (R, c). d = diag of Hinv on the block, xnorm = ‖x_j‖ = sqrt(H_jj).
+    Returns terms (T, R, c) float in {-1, 0, 1}, α (R, T) and μ (R,), both f16-representable, and the
+    number of salient columns."""
+    R, c = W.shape
+    p = cfg.m - cfg.n
+    full = torch.ones_like(W, dtype=torch.bool)
+    wt = (1.0 / (d * d))[None, :] if cfg.score == "obs" else torch.ones_like(d)[None, :]
+    if cfg.method == "sign":
+        # plain round-to-nearest binarization α·sign(W), μ = 0, N:M by magnitude
+        mask = _nm_prune(W.abs(), full, p, cfg.m) if p else full
+        mf = mask.to(W.dtype)
+        B = _sgn(W)
+        alpha = (W.abs() * mf).sum(1) / mf.sum(1).clamp_min(1)
+        mu = torch.zeros_like(alpha)
+    elif cfg.method == "pbs2p":
+        mask, alpha, mu, B = _spbo(W, wt, cfg)
+    else:
+        # prune first (stbllm: |w|·‖x‖; arb, billm: cfg.score), then binarize the kept weights
+        if p:
+            score = _static_score(W, xnorm[None, :], "act") if cfg.method == "stbllm" else \
+                _static_score(W, wt, cfg.score)
+            mask = _nm_prune(score, full, p, cfg.m)
+        else:
+            mask = full
+        alpha, mu, B = _refine(W, mask.to(W.dtype), 0 if cfg.method == "billm" else cfg.arb_iters)
+    mf = mask.to(W.dtype)
+    a0, mu = _f16(alpha), _f16(mu)
+    term0 = B * mf
+    if cfg.n_terms == 1:
+        return term0[None], a0[:, None], mu, 0
+    base = _q_value(term0[None], a0[:, None], mu)
+    term1, a1, k = _salient_term(W, wt, base, mf)
+    return torch.stack([term0, term1]), torch.stack([a0, a1], 1), mu, k
+
+
+def _prepare_hinv(H: torch.Tensor, W: torch.Tensor, percdamp: float):
+    """GPTQ's preparation: dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0 (in place); damp by
+    percdamp·mean(diag H) (×10 per retry if still not positive definite); Hinv = upper Cholesky factor of H⁻¹
+    (float64 factorisation, returned float32)."""
+    K = H.shape[0]
+    H = H.to(W.device, torch.float64).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    damp = percdamp * torch.diagonal(H).mean()
+    eye = torch.eye(K, dtype=H.dtype, device=H.device)
+    for attempt in range(MAX_DAMP_RETRIES):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            break
+        log.warning("H + %.3g·I is not positive definite (minor %d); damping ×10", float(damp), int(info))
+        damp = damp * 10
+    else:
+        raise ValueError(f"H is not positive definite even with damping {float(damp):.3g}")
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    return Hinv.to(torch.float32), int(dead.sum())
+
+
+def compress_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: SolverConfig) -> LayerResult:
+    """Compress one linear layer W (R, K) with Hessian H (K, K) (None only for method "sign")."""
+    t_start = time.perf_counter()
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (R, K), got shape {tuple(W.shape)}")
+    R, K = W.shape
+    if K % cfg.m:
+        raise ValueError(f"K = {K} is not a multiple of m = {cfg.m}")
+    if H is None and cfg.method != "sign":
+        raise ValueError(f"method {cfg.method!r} needs the Hessian H (only 'sign' accepts H=None)")
+    if H is not None and tuple(H.shape) != (K, K):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({K}, {K})")
+    if H is not None and not torch.isfinite(H).all():
+        raise ValueError("H has non-finite entries")
+    if not torch.isfinite(W).all():
+        raise ValueError("W has non-finite entries")
+
+    dev = W.device
+    W0 = W.detach().to(torch.float32)
+    Wc = W0.clone()
+    bs, T, nb = cfg.block_size, cfg.n_terms, n_blocks(K, cfg.block_size)
+    n_dead = 0
+    if cfg.method == "sign":
+        Hinv = None
+        d = torch.ones(K, device=dev)
+        xnorm = torch.ones(K, device=dev)
+    else:
+        Hinv, n_dead = _prepare_hinv(H, Wc, cfg.percdamp)
+        d = torch.diagonal(Hinv).clone()
+        xnorm = torch.diagonal(H).to(dev, torch.float32).clamp_min(0).sqrt()
+
+    terms = torch.zeros(T, R, K, device=dev)
+    alpha = torch.zeros(R, T, nb, device=dev)
+    mu = torch.zeros(R, nb, device=dev)
+    Q = torch.zeros(R, K, device=dev)
+    n_salient = 0
+    for b, i1 in enumerate(range(0, K, bs)):
+        i2 = min(i1 + bs, K)
+        W1 = Wc[:, i1:i2]
+        t1, a1, m1, k = _fit_block(W1, d[i1:i2], xnorm[i1:i2], cfg)
+        Q1 = _q_value(t1, a1, m1)
+        terms[:, :, i1:i2], alpha[:, :, b], mu[:, b], Q[:, i1:i2] = t1, a1, m1, Q1
+        n_salient += k
+        if cfg.compensate and Hinv is not None and i2 < K:
+            # Err1 such that W1 − Q1 = Err1·Hinv1 (GPTQ's column-by-column in-block update, as one triangular
+            # solve), then push it onto the columns not yet compressed
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            Err1 = torch.linalg.solve_triangular(Hinv1, W1 - Q1, upper=True, left=False)
+            Wc[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    terms_np = terms.to(torch.int8).cpu().numpy()
+    alpha_np = alpha.to(torch.float16).cpu().numpy()
+    mu_np = mu.to(torch.float16).cpu().numpy()
+    w_hat = torch.from_numpy(sb_value(terms_np, alpha_np, mu_np, bs)).to(dev)
+    if not torch.equal(w_hat, Q):
+        raise RuntimeError("internal: compensated Q differs from sb_value of the packed terms")
+
+    E = (W0 - w_hat).double()
+    stats = {
+        "method": cfg.method, "n": cfg.n, "m": cfg.m, "n_terms": T,
+        "err_w": float((E * E).sum() / (W0.double() ** 2).sum().clamp_min(1e-300)),
+        "kept_frac": float((terms[0] != 0).float().mean()),
+        "param_bits": float((terms != 0).float().sum() / (R * K)),
+        "salient_cols": n_salient, "dead_cols": n_dead,
+    }
+    if H is not None:
+        Hd = H.to(dev, torch.float64)
+        W0d = W0.double()
+        stats["err_out"] = float(((E @ Hd) * E).sum() / ((W0d @ Hd) * W0d).sum().clamp_min(1e-300))
+    stats["time_s"] = time.perf_counter() - t_start
+    log.debug("compress_layer %dx%d %s %d:%d -> %s", R, K, cfg.method, cfg.n, cfg.m, stats)
+    return LayerResult(terms_np, alpha_np, mu_np, w_hat, stats)
