@@ -230,7 +230,7 @@ static pbs2p_status parse_tensor_info(parser *p, int64_t index, gguf_tensor *t) 
     if (t->ne[0] % block_values != 0)
         return bad(p, PBS2P_ERR_FORMAT, "tensor '%s': ne[0] = %" PRId64 " is not a multiple of the type %" PRIu32
                    " block size %" PRId64, name, t->ne[0], type, block_values);
-    /* n_values / block_values fits, and the byte count is checked, so n_bytes is exact */
+    /* ne[0] is a whole number of blocks, so n_values / block_values is exact */
     if (!pbs2p_mul_u64((uint64_t)(n_values / block_values), (uint64_t)block_bytes, &t->n_bytes))
         return bad(p, PBS2P_ERR_FORMAT, "tensor '%s': byte size overflows (%" PRId64 " values)", name, n_values);
     return PBS2P_OK;
@@ -282,10 +282,14 @@ static pbs2p_status check_layout(parser *p, pbs2p_file *f) {
                      PRIu32, t->name, rel, f->alignment);
             goto done;
         }
-        if (!pbs2p_add_u64(f->data_offset, rel, &t->offset) || !pbs2p_add_u64(t->offset, t->n_bytes, &end) ||
-            end > f->size) {
-            st = bad(p, PBS2P_ERR_FORMAT, "tensor '%s': data [%" PRIu64 " + %" PRIu64 ", + %" PRIu64
-                     ") exceeds file size %" PRIu64, t->name, f->data_offset, rel, t->n_bytes, f->size);
+        if (!pbs2p_add_u64(f->data_offset, rel, &t->offset) || !pbs2p_add_u64(t->offset, t->n_bytes, &end)) {
+            st = bad(p, PBS2P_ERR_FORMAT, "tensor '%s': data offset %" PRIu64 " + %" PRIu64 " bytes exceeds file size %"
+                     PRIu64, t->name, rel, t->n_bytes, f->size);
+            goto done;
+        }
+        if (end > f->size) {
+            st = bad(p, PBS2P_ERR_FORMAT, "tensor '%s': data [%" PRIu64 ", %" PRIu64 ") exceeds file size %" PRIu64,
+                     t->name, t->offset, end, f->size);
             goto done;
         }
         t->data = f->map + t->offset;

@@ -453,7 +453,7 @@ static const patch patches[] = {
     {"half-aligned offset", AT(t_off[1]), 0, 8, 32, PBS2P_ERR_FORMAT, "alignment 64"},
     {"offset past EOF", AT(t_off[2]), 0, 8, 1ull << 40, PBS2P_ERR_FORMAT, "exceeds file size"},
     {"offset wraps", AT(t_off[0]), 0, 8, UINT64_MAX & ~63ull, PBS2P_ERR_FORMAT, "exceeds file size"},
-    {"last tensor past EOF", AT(t_off[2]), 0, 8, 256, PBS2P_ERR_FORMAT, "'t.c'"},
+    {"last tensor past EOF", AT(t_off[2]), 0, 8, 256, PBS2P_ERR_FORMAT, "'t.c': data ["},
     {"overlap a/b", AT(t_off[1]), 0, 8, 0, PBS2P_ERR_FORMAT, "overlap"},
     {"overlap b/c", AT(t_off[2]), 0, 8, 128, PBS2P_ERR_FORMAT, "overlap"},
 };
