@@ -25,6 +25,24 @@ HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v"
             "ffn_down": "mlp.down_proj"}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def native_library() -> Path:
+    """Point the bindings at libpbs2p.so: the installed one, $PBS2P_LIB, $PBS2P_BUILD_DIR/libpbs2p.so, or
+    build/native/ of the checkout (tools/test.sh builds there). Raises if none exists."""
+    from pbs2p import _ffi
+
+    if _ffi.library_path().is_file():
+        return _ffi.library_path()
+    for d in (os.environ.get("PBS2P_BUILD_DIR"), ROOT / "build" / "native"):
+        if d and (Path(d) / _ffi.LIB_NAME).is_file():
+            os.environ["PBS2P_LIB"] = str(Path(d) / _ffi.LIB_NAME)
+            return Path(d) / _ffi.LIB_NAME
+    raise FileNotFoundError(f"libpbs2p.so not found at {_ffi.library_path()}: build the runtime with CMake "
+                            f"(tools/test.sh) or set PBS2P_LIB / PBS2P_BUILD_DIR")
+
+
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer_kv() -> tuple[tuple[str, Any, str], ...]:
     """(key, value, vtype) of every tokenizer.* key of the SmolLM2 GGUF (read once per process)."""
@@ -53,11 +71,17 @@ class TinyModel:
     sb_layers: set = field(default_factory=set)     # HF module names of sparse-binary linears
     nm_n: tuple = ()
     nm_m: int = 4
+    _torch: dict = field(default_factory=dict, repr=False)
 
     def torch_model(self, act_quant: bool = True):
         """The HF LlamaForCausalLM with the file's weights. act_quant: emulate the runtime's activation
         quantization (format.quantize_act before every sparse-binary linear, Q8_0 blocks of 32 with an f32
         scale before the output head)."""
+        if act_quant not in self._torch:
+            self._torch[act_quant] = self._build_torch(act_quant)
+        return self._torch[act_quant]
+
+    def _build_torch(self, act_quant: bool):
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -26,7 +26,7 @@ from .format import Status
 ffi = _ffi.ffi
 logger = logging.getLogger("pbs2p")
 
-__all__ = ["Runtime", "ModelInfo", "Pbs2pError", "error_class", "lib"]
+__all__ = ["Runtime", "ModelInfo", "Pbs2pError", "TextStream", "error_class", "lib"]
 
 
 # ---- errors -------------------------------------------------------------------------------------------------
@@ -322,6 +322,10 @@ class Runtime:
         t = int(lib().pbs2p_token_eos(self._model))
         return None if t < 0 else t
 
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends generation (EOS, EOT, <|im_end|>, ...)."""
+        return bool(lib().pbs2p_token_is_eog(self._model, int(token)))
+
     def __repr__(self) -> str:
         if self._model == ffi.NULL:
             return f"<pbs2p.Runtime {self.path!r} (closed)>"
@@ -563,8 +567,7 @@ class Runtime:
             history = ffi.new("int32_t[]", self.n_ctx)
             for i, t in enumerate(self._tokens):
                 history[i] = t
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            pending = ""
+            text = TextStream(stops)
             for _ in range(max_tokens):
                 n_hist = len(self._tokens)
                 tok = int(L.pbs2p_sample(sampler, logits, self.n_vocab, history, n_hist))
@@ -572,25 +575,19 @@ class Runtime:
                     raise _error(Status.ERR_INVALID_ARG)
                 if L.pbs2p_token_is_eog(self._model, tok):
                     break
-                pending += decoder.decode(self.token_bytes(tok))
-                hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-                if hit >= 0:
-                    if hit:
-                        yield pending[:hit]
-                    pending = ""
+                piece = text.push(self.token_bytes(tok))
+                if piece:
+                    yield piece
+                if text.stopped:
                     return
-                hold = _stop_prefix_len(pending, stops)
-                if len(pending) > hold:
-                    yield pending[:len(pending) - hold]
-                    pending = pending[len(pending) - hold:]
                 if n_hist + 1 >= self.n_ctx:
                     logger.warning("context of %d tokens is full; generation stopped", self.n_ctx)
                     break
                 history[n_hist] = tok
                 self._eval([tok], logits)
-            pending += decoder.decode(b"", final=True)
-            if pending:
-                yield pending
+            piece = text.flush()
+            if piece:
+                yield piece
         except BaseException:
             self._sync_kv()
             raise
@@ -598,6 +595,41 @@ class Runtime:
             if sampler != ffi.NULL:
                 L.pbs2p_sampler_free(sampler)
             self._release()
+
+
+class TextStream:
+    """Token bytes in, displayable text out: holds back an incomplete UTF-8 sequence (a character split across
+    tokens) and any tail that could be the start of a stop string; `stopped` once a stop string appeared
+    (the text before it is returned, the stop string and everything after are dropped)."""
+
+    def __init__(self, stops: Sequence[str] = ()) -> None:
+        self.stops = list(stops)
+        self.stopped = False
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    def push(self, data: bytes) -> str:
+        if self.stopped:
+            return ""
+        self._pending += self._dec.decode(data)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """The held-back rest at the end of generation (an incomplete character becomes U+FFFD)."""
+        if self.stopped:
+            return ""
+        self._pending += self._dec.decode(b"", final=True)
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        p = self._pending
+        hit = min((i for i in (p.find(s) for s in self.stops) if i >= 0), default=-1)
+        if hit >= 0:
+            self.stopped, self._pending = True, ""
+            return p[:hit]
+        hold = 0 if final else _stop_prefix_len(p, self.stops)
+        self._pending = p[len(p) - hold:] if hold else ""
+        return p[:len(p) - hold]
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:
