@@ -432,13 +432,14 @@ static pbs2p_status load_inner(const pbs2p_file *f, pbs2p_tokenizer *t) {
     }
     t->piece_off[nv] = po;
 
-    /* Tokens matched whole in the text: control (when parse_special) and user-defined (always). Like
-     * transformers' GGUF loader, a gpt2 control token spelled outside the byte alphabet is not matched. */
+    /* Tokens matched whole in the text: control and unknown (when parse_special: transformers registers
+     * <unk> as a special token too, llama.cpp matches it) and user-defined (always). Like transformers' GGUF
+     * loader, a gpt2 control token spelled outside the byte alphabet is not matched. */
     t->spec = malloc(nv * sizeof *t->spec);
     if (!t->spec) return PBS2P_FAIL(PBS2P_ERR_NOMEM, "special token list");
     for (int32_t i = 0; i < t->n_vocab; i++) {
         size_t n = t->text_off[i + 1] - t->text_off[i] - 1;
-        if (n == 0 || (t->ttype[i] != TT_CONTROL && t->ttype[i] != TT_USER)) continue;
+        if (n == 0 || (t->ttype[i] != TT_CONTROL && t->ttype[i] != TT_USER && t->ttype[i] != TT_UNKNOWN)) continue;
         if (t->type == TOK_BPE && t->ttype[i] == TT_CONTROL && !in_byte_alphabet(t->text + t->text_off[i], n)) continue;
         t->spec[t->n_spec++] = i;
     }
@@ -818,7 +819,7 @@ static void encode_fragment(const pbs2p_tokenizer *t, work *w, const uint8_t *s,
 static int32_t match_special(const pbs2p_tokenizer *t, const uint8_t *s, size_t n, int parse_special) {
     for (int32_t k = t->spec_start[s[0]]; k < t->spec_start[s[0] + 1]; k++) {
         int32_t id = t->spec[k];
-        if (t->ttype[id] == TT_CONTROL && !parse_special) continue;
+        if (t->ttype[id] != TT_USER && !parse_special) continue;
         size_t len = t->text_off[id + 1] - t->text_off[id] - 1;
         if (len <= n && memcmp(s, t->text + t->text_off[id], len) == 0) return id;
     }
