@@ -75,8 +75,8 @@ class TinyModel:
 
     def torch_model(self, act_quant: bool = True):
         """The HF LlamaForCausalLM with the file's weights. act_quant: emulate the runtime's activation
-        quantization (format.quantize_act before every sparse-binary linear, Q8_0 blocks of 32 with an f32
-        scale before the output head)."""
+        quantization (format.quantize_act before every sparse-binary linear, and with blocks of 32 before the
+        output head, whose Q8_0 dot product quantizes the hidden state that way)."""
         if act_quant not in self._torch:
             self._torch[act_quant] = self._build_torch(act_quant)
         return self._torch[act_quant]
@@ -108,14 +108,11 @@ class TinyModel:
                 cols = np.arange(x.shape[-1]) // bs
                 return (torch.from_numpy(q.astype(np.float32) * s[..., cols]),)
 
-            def fake_q8(mod, args):
-                x = args[0].detach().numpy().astype(np.float32)
-                xb = x.reshape(x.shape[:-1] + (-1, 32))
-                amax = np.abs(xb).max(-1, keepdims=True)
-                d = amax / np.float32(127)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    q = np.where(d > 0, np.clip(fmt.round_half_away(xb / np.where(d > 0, d, 1)), -127, 127), 0)
-                return (torch.from_numpy((q * d).astype(np.float32).reshape(x.shape)),)
+            def fake_q8(mod, args):  # the head's Q8_0 blocks of 32 use the same quantizer (f32 scale)
+                x = args[0]
+                q, s = fmt.quantize_act(x.detach().numpy(), 32)
+                cols = np.arange(x.shape[-1]) // 32
+                return (torch.from_numpy(q.astype(np.float32) * s[..., cols]),)
 
             for name, mod in model.named_modules():
                 if name in self.sb_layers:
