@@ -477,19 +477,16 @@ class Runtime:
             for w in tqdm(range(n_win), desc="perplexity", unit="window", disable=not progress):
                 win = ids[w * seqlen:(w + 1) * seqlen]
                 self._reset()
-                for s in range(0, seqlen, chunk):
-                    part = win[s:s + chunk]
+                for s in range(0, seqlen - 1, chunk):  # the last token has no target: not evaluated
+                    part = win[s:min(s + chunk, seqlen - 1)]
                     out = buf[:len(part)]
                     self._eval(part.tolist(), ffi.from_buffer("float[]", out), True)
-                    # logits at position p predict token p + 1; the last window position predicts nothing.
-                    pos = np.arange(s, s + len(part))
-                    keep = pos + 1 < seqlen
-                    lg = out[keep].astype(np.float64)
-                    tgt = win[pos[keep] + 1]
+                    lg = out.astype(np.float64)  # row i predicts win[s + i + 1]
+                    tgt = win[s + 1:s + 1 + len(part)]
                     mx = lg.max(axis=1)
                     lse = mx + np.log(np.exp(lg - mx[:, None]).sum(axis=1))
                     nll += float((lse - lg[np.arange(len(tgt)), tgt]).sum())
-                    count += int(keep.sum())
+                    count += len(tgt)
             return math.exp(nll / count)
         except BaseException:
             self._sync_kv()
