@@ -14,7 +14,7 @@
  * Invalid UTF-8 (HF only ever sees valid str): every byte that does not start a well-formed sequence is a
  * code point of its own that belongs to no class (not \p{L}, \p{N} or \s), i.e. it behaves like punctuation
  * in the split regexes; its byte is then encoded through the byte-level map (gpt2) or byte fallback (llama),
- * so the ids always decode back to the exact input bytes. */
+ * so the ids decode back to the exact input bytes wherever the vocabulary has those bytes. */
 #include "tokenizer.h"
 
 #include <math.h>
@@ -600,8 +600,10 @@ static void bpe_word(const pbs2p_tokenizer *t, work *w, const uint8_t *s, size_t
     int32_t m = 0;
     for (size_t i = 0; i < n; i++) {
         int32_t id = t->byte_tok[s[i]];
-        if (id < 0) id = t->unk;
-        if (id < 0) continue; /* HF's BPE drops a character it cannot map when there is no unk */
+        /* A byte whose character is not in the vocabulary (SmolLM2 lacks 21, e.g. 0x04, 0xC0, 0xF5..0xFF) is
+         * dropped: transformers builds byte-level BPE models without an unk token, and its BPE drops what it
+         * cannot map. */
+        if (id < 0) continue;
         w->sid[m] = id;
         w->prev[m] = m - 1;
         w->next[m] = m + 1;
