@@ -1,5 +1,8 @@
-/* NEON kernels (aarch64, and armv7 built with -mfpu=neon). Same formulation as kernels-x86.c: the 64 bits
- * of a weight word become 64 byte masks and the selected int8 activations are summed directly:
+/* NEON kernels (aarch64, and armv7 built with -mfpu=neon). Two families compute the same integer sums:
+ *   - popcount ("neon", the section before the Q8 kernels): vcnt over the activation bit-planes AND the
+ *     weight word, vpadal widening accumulation, 2^k plane weights per block (docs/format.md);
+ *   - bit expansion ("neon-expand", described here), the formulation of kernels-x86.c's "*-expand" tables:
+ * the 64 bits of a weight word become 64 byte masks and the selected int8 activations are summed directly:
  *   vtbl replicates byte c of P over 8 lanes, vtst with (1 << lane) gives 0x00/0xFF per column,
  *   AND q, vpadal (pairwise add-accumulate int8 -> int16).          (16 columns: tbl, tst, and, padal)
  * The masks of a word are built once per tile of up to 4 tokens. int16 lanes gain at most 4·254 per word,
@@ -85,25 +88,30 @@ static void neon_tile(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t
         }
 }
 
-static int32_t tile_tokens(const pbs2p_sb_weight *w) {
+/* Writes out[tt·tok_stride + s·T·nb + t·nb + b] (s = 0 pos, 1 neg) for tokens tok0 .. tok0+nt-1 of one row. */
+typedef void (*sb_tile_fn)(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row, int32_t tok0, int32_t nt,
+                           int32_t *out, size_t tok_stride);
+
+static int32_t tile_tokens(const pbs2p_sb_weight *w, int32_t max_tile) {
     int32_t per_tok = 2 * w->n_terms * w->n_blocks, nt = SB_BUF / per_tok;
-    return nt < 1 ? 1 : nt > SB_TILE ? SB_TILE : nt;
+    return nt < 1 ? 1 : nt > max_tile ? max_tile : nt;
 }
 
-static void sb_sums_neon(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums, int32_t r0, int32_t r1) {
+static void sb_sums_drive(sb_tile_fn tile, int32_t max_tile, const pbs2p_sb_weight *w, const pbs2p_sb_act *act,
+                          int32_t *sums, int32_t r0, int32_t r1) {
     const size_t TB2 = 2 * (size_t)w->n_terms * w->n_blocks;
-    const int32_t ntile = tile_tokens(w);
+    const int32_t ntile = tile_tokens(w, max_tile);
     for (int32_t r = r0; r < r1; r++)
         for (int32_t t0 = 0; t0 < act->n_tok; t0 += ntile) {
             int32_t nt = act->n_tok - t0 < ntile ? act->n_tok - t0 : ntile;
-            neon_tile(w, act, r, t0, nt, sums + ((size_t)t0 * (r1 - r0) + (r - r0)) * TB2, (size_t)(r1 - r0) * TB2);
+            tile(w, act, r, t0, nt, sums + ((size_t)t0 * (r1 - r0) + (r - r0)) * TB2, (size_t)(r1 - r0) * TB2);
         }
 }
 
-static void sb_gemm_neon(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
-                         int32_t r1) {
+static void sb_gemm_drive(sb_tile_fn tile, int32_t max_tile, const pbs2p_sb_weight *w, const pbs2p_sb_act *act,
+                          float *y, int64_t ldy, int32_t r0, int32_t r1) {
     const int32_t TB = w->n_terms * w->n_blocks, nb = w->n_blocks;
-    const int32_t ntile = tile_tokens(w);
+    const int32_t ntile = tile_tokens(w, max_tile);
     int32_t buf[SB_BUF];
     if ((size_t)2 * TB > SB_BUF) { /* beyond the load-time limits; keep exact results anyway */
         pbs2p_sb_gemm_ref(w, act, y, ldy, r0, r1);
@@ -112,7 +120,7 @@ static void sb_gemm_neon(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, floa
     for (int32_t r = r0; r < r1; r++)
         for (int32_t t0 = 0; t0 < act->n_tok; t0 += ntile) {
             int32_t nt = act->n_tok - t0 < ntile ? act->n_tok - t0 : ntile;
-            neon_tile(w, act, r, t0, nt, buf, (size_t)2 * TB);
+            tile(w, act, r, t0, nt, buf, (size_t)2 * TB);
             for (int32_t tt = 0; tt < nt; tt++) {
                 const int32_t *s = buf + (size_t)tt * 2 * TB;
                 y[(int64_t)(t0 + tt) * ldy + r] =
@@ -120,6 +128,98 @@ static void sb_gemm_neon(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, floa
             }
         }
 }
+
+static void sb_sums_neon_expand(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums, int32_t r0,
+                                int32_t r1) {
+    sb_sums_drive(neon_tile, SB_TILE, w, act, sums, r0, r1);
+}
+
+static void sb_gemm_neon_expand(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy,
+                                int32_t r0, int32_t r1) {
+    sb_gemm_drive(neon_tile, SB_TILE, w, act, y, ldy, r0, r1);
+}
+
+/* ------------------------------------------------------------- popcount ------------------------------------
+ * With u = q + 128 and X_k its bit-plane k over a 64-column word, plane 7 of u is the complement of q's sign
+ * bit, so the −128·popcount(P) correction folds into plane 7:
+ *   Σ_{j∈P} q_j = Σ_{k<7} 2^k·popcount(X_k & P) − 128·popcount(~X_7 & P)                           (*)
+ * A q register holds planes (2i, 2i+1) of a word (xplanes is [tok][W][8] u64). Per 64 weights (pos + neg
+ * word) and token: 4 registers × 2 × (vand with dup(P), vcnt, vpadal u8 -> u16) + 1 veor (plane 7 flip,
+ * shared by pos and neg) = 25 ops. u16 lanes gain <= 16 per word: flushed every 1024 words (< 2^15 for vmlal_s16). Per block and
+ * plane: 8 vmlal_s16 by the plane weights (1, 2, ..., 64, −128) into int32 and one horizontal add.
+ * Tiles of 2 tokens keep the 16 accumulators of a tile in registers on aarch64. */
+enum { POPN_TILE = 2, POPN_CHUNK = 1024 };
+
+INLINE int32x4_t popn_weight(int32x4_t acc, const uint16x8_t c[4]) {
+    static const int16_t wk[8] = {1, 2, 4, 8, 16, 32, 64, -128};
+    for (int i = 0; i < 4; i++) {
+        const int16x8_t v = vreinterpretq_s16_u16(c[i]);
+        acc = vmlal_n_s16(acc, vget_low_s16(v), wk[2 * i]);
+        acc = vmlal_n_s16(acc, vget_high_s16(v), wk[2 * i + 1]);
+    }
+    return acc;
+}
+
+INLINE void popn_tile_n(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row, int32_t tok0,
+                        int32_t *out, size_t tok_stride, const int NT) {
+    const int32_t T = w->n_terms, W = w->n_words, nb = w->n_blocks, bw = w->block_words, TB = T * nb;
+    const size_t xs = (size_t)W * 8;
+    const uint64_t *xp = act->xplanes + (size_t)tok0 * xs;
+    const uint64x2_t flip7 = vcombine_u64(vcreate_u64(0), vcreate_u64(~0ull));
+    for (int32_t t = 0; t < T; t++) {
+        const uint64_t *pos = w->planes + ((size_t)row * T + t) * 2 * W, *neg = pos + W;
+        for (int32_t b = 0; b < nb; b++) {
+            const int32_t i_end = (b + 1) * bw < W ? (b + 1) * bw : W;
+            int32x4_t sp[POPN_TILE], sn[POPN_TILE];
+            for (int tt = 0; tt < NT; tt++) sp[tt] = sn[tt] = vdupq_n_s32(0);
+            for (int32_t c0 = b * bw; c0 < i_end; c0 += POPN_CHUNK) {
+                const int32_t c1 = c0 + POPN_CHUNK < i_end ? c0 + POPN_CHUNK : i_end;
+                uint16x8_t cp[POPN_TILE][4], cn[POPN_TILE][4];
+                for (int tt = 0; tt < NT; tt++)
+                    for (int i = 0; i < 4; i++) cp[tt][i] = cn[tt][i] = vdupq_n_u16(0);
+                for (int32_t i = c0; i < c1; i++) {
+                    const uint64x2_t P = vdupq_n_u64(pos[i]), N = vdupq_n_u64(neg[i]);
+                    for (int tt = 0; tt < NT; tt++) {
+                        const uint64_t *x = xp + tt * xs + (size_t)i * 8;
+                        for (int k = 0; k < 4; k++) {
+                            uint64x2_t xk = vld1q_u64(x + 2 * k);
+                            if (k == 3) xk = veorq_u64(xk, flip7);
+                            cp[tt][k] = vpadalq_u8(cp[tt][k], vcntq_u8(vreinterpretq_u8_u64(vandq_u64(xk, P))));
+                            cn[tt][k] = vpadalq_u8(cn[tt][k], vcntq_u8(vreinterpretq_u8_u64(vandq_u64(xk, N))));
+                        }
+                    }
+                }
+                for (int tt = 0; tt < NT; tt++) {
+                    sp[tt] = popn_weight(sp[tt], cp[tt]);
+                    sn[tt] = popn_weight(sn[tt], cn[tt]);
+                }
+            }
+            for (int tt = 0; tt < NT; tt++) {
+                out[tt * tok_stride + t * nb + b] = hsum_s32(sp[tt]);
+                out[tt * tok_stride + TB + t * nb + b] = hsum_s32(sn[tt]);
+            }
+        }
+    }
+}
+
+static void popn_tile(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row, int32_t tok0, int32_t nt,
+                      int32_t *out, size_t tok_stride) {
+    if (nt == 1)
+        popn_tile_n(w, act, row, tok0, out, tok_stride, 1);
+    else
+        popn_tile_n(w, act, row, tok0, out, tok_stride, 2);
+}
+
+static void sb_sums_neon(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums, int32_t r0, int32_t r1) {
+    sb_sums_drive(popn_tile, POPN_TILE, w, act, sums, r0, r1);
+}
+
+static void sb_gemm_neon(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
+                         int32_t r1) {
+    sb_gemm_drive(popn_tile, POPN_TILE, w, act, y, ldy, r0, r1);
+}
+
+/* ------------------------------------------------------------------ Q8_0 ----------------------------------- */
 
 INLINE int32_t q8_block(const uint8_t *blk, const int8_t *x) {
     const int8x16_t w0 = vld1q_s8((const int8_t *)blk + 2), w1 = vld1q_s8((const int8_t *)blk + 18);
@@ -156,5 +256,7 @@ static void q8_gemm_neon(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, f
 }
 
 const pbs2p_kernels pbs2p_kernels_neon = {"neon", sb_gemm_neon, sb_sums_neon, q8_gemm_neon};
+const pbs2p_kernels pbs2p_kernels_neon_expand = {"neon-expand", sb_gemm_neon_expand, sb_sums_neon_expand,
+                                                 q8_gemm_neon};
 
 #endif

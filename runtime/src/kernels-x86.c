@@ -1,8 +1,11 @@
-/* x86 kernels: AVX2 and AVX-512 (BW), selected per function with target attributes (kernels.c checks CPUID).
+/* x86 kernels: AVX2 and AVX-512, selected per function with target attributes (kernels.c checks CPUID).
+ * Two families of sparse-binary kernels compute the same integer sums Σ_{j∈P} q_j:
+ *   - popcount ("avx2", "avx512"; the section at the end of this file): AND of the weight word with the 8
+ *     activation bit-planes, popcounts weighted by 2^k (docs/format.md "the popcount form");
+ *   - bit expansion ("avx2-expand", "avx512-expand"; described here).
  *
- * Sparse-binary sums. Instead of popcounts over the 8 activation bit-planes (8 AND+POPCNT per weight word,
- * then 2^k weights and a −128·popcount(P) correction), these kernels turn the 64 bits of a weight word P into
- * a 64-byte mask and sum the selected int8 activations q_j directly — the same integer Σ_{j∈P} q_j:
+ * Expand family. Instead of popcounts over the 8 activation bit-planes, these kernels turn the 64 bits of a
+ * weight word P into a 64-byte mask and sum the selected int8 activations q_j directly:
  *   AVX-512: kmovq P -> k; vmovdqu8 {k}{z} q; vpmaddubsw(1, ·) -> int16 pairs; vpaddw.   (3 vector uops / word)
  *   AVX2:    vpshufb replicates byte i of P over 8 lanes, AND+CMPEQ with (1<<bit) gives 0x00/0xFF per column,
  *            AND q, vpmaddubsw(1, ·), vpaddw.                                          (6 vector uops / 32 cols)
@@ -201,7 +204,7 @@ TARGET_AVX2 static void q8_gemm_avx2(const uint8_t *w, int32_t K, const pbs2p_q8
     }
 }
 
-const pbs2p_kernels pbs2p_kernels_avx2 = {"avx2", sb_gemm_avx2, sb_sums_avx2, q8_gemm_avx2};
+const pbs2p_kernels pbs2p_kernels_avx2_expand = {"avx2-expand", sb_gemm_avx2, sb_sums_avx2, q8_gemm_avx2};
 
 /* -------------------------------------------------------------- AVX-512 --------------------------------- */
 
@@ -286,7 +289,227 @@ TARGET_AVX512VNNI static void q8_gemm_avx512vnni(const uint8_t *w, int32_t K, co
     }
 }
 
-const pbs2p_kernels pbs2p_kernels_avx512 = {"avx512", sb_gemm_avx512, sb_sums_avx512, q8_gemm_avx2};
-const pbs2p_kernels pbs2p_kernels_avx512vnni = {"avx512", sb_gemm_avx512, sb_sums_avx512, q8_gemm_avx512vnni};
+const pbs2p_kernels pbs2p_kernels_avx512_expand = {"avx512-expand", sb_gemm_avx512, sb_sums_avx512, q8_gemm_avx2};
+const pbs2p_kernels pbs2p_kernels_avx512vnni_expand = {"avx512-expand", sb_gemm_avx512, sb_sums_avx512,
+                                                       q8_gemm_avx512vnni};
+/* ====================================================== popcount family ======================================
+ *
+ * docs/format.md: with u_j = q_j + 128 and X_k the bit-plane k of u over a 64-column word,
+ *   Σ_{j∈P} q_j = Σ_{k<8} 2^k·popcount(X_k & P) − 128·popcount(P).
+ * Since u = q ^ 0x80, plane 7 of u is the complement of q's sign bit, and the correction folds into it:
+ *   Σ_{j∈P} q_j = Σ_{k<7} 2^k·popcount(X_k & P) − 128·popcount(~X_7 & P)                        (*)
+ * so every plane gets a constant weight w = (1, 2, 4, 8, 16, 32, 64, −128) and no popcount(P) is needed.
+ * The 8 planes of one word are contiguous in act->xplanes ([tok][W][8] u64): one zmm, or two ymm.
+ * Per block the kernels accumulate the 8 plane counts of the pos and of the neg plane separately, weight them
+ * once per block, and reduce the horizontal sums of 8 blocks together. */
+
+/* ---------------------------------------------------------- AVX-512 popcount ---------------------------- */
+
+#define TARGET_AVX512POP __attribute__((target("avx2,popcnt,f16c,avx512f,avx512bw,avx512vpopcntdq")))
+
+enum { POP512_CHUNK = 256 }; /* words per int16-safe chunk: plane counts <= 64·256 < 2^15 for vpmaddwd */
+
+/* 8 block vectors m[j] (dword 2k = weighted pos count of plane k, 2k+1 = neg) -> one vector of their 16
+ * horizontal sums: dword 4j = pos of m[j], 4j+1 = neg of m[j], 4j+2 = pos of m[j+4], 4j+3 = neg of m[j+4].
+ * A transposed add tree: 256-bit halves, then 128-bit lanes, then qwords (21 uops for 8 blocks). */
+TARGET_AVX512POP INLINE __m512i pop512_reduce8(const __m512i m[8]) {
+    __m512i s[4];
+    for (int i = 0; i < 4; i++)
+        s[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(m[2 * i], m[2 * i + 1], 0x44),
+                                _mm512_shuffle_i64x2(m[2 * i], m[2 * i + 1], 0xEE));
+    const __m512i t0 = _mm512_add_epi32(_mm512_shuffle_i64x2(s[0], s[1], 0x88), _mm512_shuffle_i64x2(s[0], s[1], 0xDD));
+    const __m512i t1 = _mm512_add_epi32(_mm512_shuffle_i64x2(s[2], s[3], 0x88), _mm512_shuffle_i64x2(s[2], s[3], 0xDD));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+}
+
+/* Writes the sums of units u0 .. u0+n-1 (unit u = t·nb + b) from n pending block vectors. */
+TARGET_AVX512POP INLINE void pop512_flush(__m512i pend[8], int n, int32_t *out, int32_t TB, int32_t u0) {
+    int32_t v[16];
+    for (int j = n; j < 8; j++) pend[j] = _mm512_setzero_si512();
+    _mm512_storeu_si512((void *)v, pop512_reduce8(pend));
+    for (int j = 0; j < n; j++) {
+        const int at = j < 4 ? 4 * j : 4 * (j - 4) + 2;
+        out[u0 + j] = v[at];
+        out[TB + u0 + j] = v[at + 1];
+    }
+}
+
+/* One row, NT tokens. Per 64 weights (one pos and one neg word) and token, the inner loop is
+ *   vpternlogq (X ^ lane-7 flip) & bcast(P)  ·  vpopcntq  ·  vpaddq      for P and for N: 6 vector uops,
+ * the broadcasts are loads shared by the tile's tokens. Per block: one vpshufd merging the pos and neg qword
+ * counts into the even/odd dwords and one vpmaddwd by (w_k, 0, w_k, 0) applying (*) to both (2 uops), and
+ * 1/8 of the 21-uop reduction. bs = 128: (2·6 + 2 + 21/8) / 128 ≈ 0.13 vector uops per weight. */
+TARGET_AVX512POP INLINE void pop512_tile_n(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row,
+                                           int32_t tok0, int32_t *out, size_t tok_stride, const int NT) {
+    const int32_t T = w->n_terms, W = w->n_words, nb = w->n_blocks, bw = w->block_words, TB = T * nb;
+    const size_t xs = (size_t)W * 8;
+    const uint64_t *xp = act->xplanes + (size_t)tok0 * xs;
+    const __m512i flip7 = _mm512_set_epi64(-1, 0, 0, 0, 0, 0, 0, 0);
+    /* int16 weights (w_k, 0, w_k, 0) per qword lane k */
+    const __m512i wts = _mm512_set_epi64((long long)0xff800000ff80ull, 0x0000004000000040ll, 0x0000002000000020ll,
+                                         0x0000001000000010ll, 0x0000000800000008ll, 0x0000000400000004ll,
+                                         0x0000000200000002ll, 0x0000000100000001ll);
+    __m512i pend[SB_TILE][8];
+    int np = 0;
+    int32_t u0 = 0;
+    for (int32_t t = 0; t < T; t++) {
+        const uint64_t *pos = w->planes + ((size_t)row * T + t) * 2 * W, *neg = pos + W;
+        for (int32_t b = 0; b < nb; b++) {
+            const int32_t i_end = (b + 1) * bw < W ? (b + 1) * bw : W;
+            __m512i m[SB_TILE];
+            for (int tt = 0; tt < NT; tt++) m[tt] = _mm512_setzero_si512();
+            for (int32_t c0 = b * bw; c0 < i_end; c0 += POP512_CHUNK) {
+                const int32_t c1 = c0 + POP512_CHUNK < i_end ? c0 + POP512_CHUNK : i_end;
+                __m512i ap[SB_TILE], an[SB_TILE];
+                for (int tt = 0; tt < NT; tt++) ap[tt] = an[tt] = _mm512_setzero_si512();
+                for (int32_t i = c0; i < c1; i++) {
+                    const __m512i P = _mm512_set1_epi64((long long)pos[i]), N = _mm512_set1_epi64((long long)neg[i]);
+                    for (int tt = 0; tt < NT; tt++) {
+                        const __m512i X = _mm512_loadu_si512((const void *)(xp + tt * xs + (size_t)i * 8));
+                        /* imm 0x28 = (a ^ b) & c */
+                        ap[tt] = _mm512_add_epi64(ap[tt], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(X, flip7, P, 0x28)));
+                        an[tt] = _mm512_add_epi64(an[tt], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(X, flip7, N, 0x28)));
+                    }
+                }
+                for (int tt = 0; tt < NT; tt++) {
+                    const __m512i pn = _mm512_mask_shuffle_epi32(ap[tt], 0xAAAA, an[tt], _MM_PERM_CDAB);
+                    m[tt] = _mm512_add_epi32(m[tt], _mm512_madd_epi16(pn, wts));
+                }
+            }
+            for (int tt = 0; tt < NT; tt++) pend[tt][np] = m[tt];
+            if (++np == 8) {
+                for (int tt = 0; tt < NT; tt++) pop512_flush(pend[tt], 8, out + tt * tok_stride, TB, u0);
+                u0 += 8;
+                np = 0;
+            }
+        }
+    }
+    if (np > 0)
+        for (int tt = 0; tt < NT; tt++) pop512_flush(pend[tt], np, out + tt * tok_stride, TB, u0);
+}
+
+TARGET_AVX512POP static void pop512_tile(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row,
+                                         int32_t tok0, int32_t nt, int32_t *out, size_t tok_stride) {
+    switch (nt) {
+    case 1: pop512_tile_n(w, act, row, tok0, out, tok_stride, 1); break;
+    case 2: pop512_tile_n(w, act, row, tok0, out, tok_stride, 2); break;
+    case 3: pop512_tile_n(w, act, row, tok0, out, tok_stride, 3); break;
+    default: pop512_tile_n(w, act, row, tok0, out, tok_stride, 4); break;
+    }
+}
+
+static void sb_sums_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums, int32_t r0, int32_t r1) {
+    sb_sums_drive(pop512_tile, w, act, sums, r0, r1);
+}
+
+static void sb_gemm_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
+                           int32_t r1) {
+    sb_gemm_drive(pop512_tile, w, act, y, ldy, r0, r1);
+}
+
+const pbs2p_kernels pbs2p_kernels_avx512 = {"avx512", sb_gemm_pop512, sb_sums_pop512, q8_gemm_avx2};
+const pbs2p_kernels pbs2p_kernels_avx512vnni = {"avx512", sb_gemm_pop512, sb_sums_pop512, q8_gemm_avx512vnni};
+
+/* ------------------------------------------------------------ AVX2 popcount ----------------------------- */
+
+enum { POP2_CHUNK = 15 }; /* words per byte-count chunk: counts <= 8·15 = 120, so vpmaddubsw pairs fit int16 */
+
+/* Byte popcounts of v (each <= 8): two nibble lookups with vpshufb. */
+TARGET_AVX2 INLINE __m256i pop2_bytes(__m256i v, __m256i lut, __m256i m0f) {
+    const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, m0f));
+    const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f));
+    return _mm256_add_epi8(lo, hi);
+}
+
+/* One row, NT tokens. A ymm holds planes 0..3 (lo) or 4..7 (hi, plane 7 flipped by one vpxor per token and
+ * word, shared by pos and neg) of one word. Per 64 weights (pos + neg word) and token:
+ *   4 × (vpand with bcast(P) · vpand 0x0f · vpsrlw · vpand 0x0f · 2 vpshufb · 2 vpaddb) + 1 vpxor = 33 uops,
+ * byte counts accumulate for up to 15 words. Per chunk and plane: vpmaddubsw of the lo and hi byte counts by
+ * the signed byte weights (1, 2, 4, 8 | 16, 32, 64, −128) of (*) (|sum| <= 2·120·(8 + 128) < 2^15), vpaddw,
+ * vpmaddwd by 1 -> int32. Per block: pos and neg int32 vectors of 8 blocks are reduced with vphaddd. */
+TARGET_AVX2 INLINE void pop2_tile_n(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row, int32_t tok0,
+                                    int32_t *out, size_t tok_stride, const int NT) {
+    const int32_t T = w->n_terms, W = w->n_words, nb = w->n_blocks, bw = w->block_words, TB = T * nb;
+    const size_t xs = (size_t)W * 8;
+    const uint64_t *xp = act->xplanes + (size_t)tok0 * xs;
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i m0f = _mm256_set1_epi8(0x0f), ones16 = _mm256_set1_epi16(1);
+    const __m256i flip7 = _mm256_set_epi64x(-1, 0, 0, 0);
+    const __m256i w_lo = _mm256_set_epi64x(0x0808080808080808ll, 0x0404040404040404ll, 0x0202020202020202ll,
+                                           0x0101010101010101ll);
+    const __m256i w_hi = _mm256_set_epi64x((long long)0x8080808080808080ull, 0x4040404040404040ll,
+                                           0x2020202020202020ll, 0x1010101010101010ll);
+    __m256i pend[SB_TILE][2][8];
+    int np = 0;
+    int32_t u0 = 0;
+    for (int32_t t = 0; t < T; t++) {
+        const uint64_t *pos = w->planes + ((size_t)row * T + t) * 2 * W, *neg = pos + W;
+        for (int32_t b = 0; b < nb; b++) {
+            const int32_t i_end = (b + 1) * bw < W ? (b + 1) * bw : W;
+            __m256i mp[SB_TILE], mn[SB_TILE];
+            for (int tt = 0; tt < NT; tt++) mp[tt] = mn[tt] = _mm256_setzero_si256();
+            for (int32_t c0 = b * bw; c0 < i_end; c0 += POP2_CHUNK) {
+                const int32_t c1 = c0 + POP2_CHUNK < i_end ? c0 + POP2_CHUNK : i_end;
+                __m256i plo[SB_TILE], phi[SB_TILE], nlo[SB_TILE], nhi[SB_TILE];
+                for (int tt = 0; tt < NT; tt++) plo[tt] = phi[tt] = nlo[tt] = nhi[tt] = _mm256_setzero_si256();
+                for (int32_t i = c0; i < c1; i++) {
+                    const __m256i P = _mm256_set1_epi64x((long long)pos[i]), N = _mm256_set1_epi64x((long long)neg[i]);
+                    for (int tt = 0; tt < NT; tt++) {
+                        const uint64_t *x = xp + tt * xs + (size_t)i * 8;
+                        const __m256i xlo = _mm256_loadu_si256((const __m256i *)x);
+                        const __m256i xhi = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(x + 4)), flip7);
+                        plo[tt] = _mm256_add_epi8(plo[tt], pop2_bytes(_mm256_and_si256(xlo, P), lut, m0f));
+                        phi[tt] = _mm256_add_epi8(phi[tt], pop2_bytes(_mm256_and_si256(xhi, P), lut, m0f));
+                        nlo[tt] = _mm256_add_epi8(nlo[tt], pop2_bytes(_mm256_and_si256(xlo, N), lut, m0f));
+                        nhi[tt] = _mm256_add_epi8(nhi[tt], pop2_bytes(_mm256_and_si256(xhi, N), lut, m0f));
+                    }
+                }
+                for (int tt = 0; tt < NT; tt++) {
+                    const __m256i sp = _mm256_add_epi16(_mm256_maddubs_epi16(plo[tt], w_lo), _mm256_maddubs_epi16(phi[tt], w_hi));
+                    const __m256i sn = _mm256_add_epi16(_mm256_maddubs_epi16(nlo[tt], w_lo), _mm256_maddubs_epi16(nhi[tt], w_hi));
+                    mp[tt] = _mm256_add_epi32(mp[tt], _mm256_madd_epi16(sp, ones16));
+                    mn[tt] = _mm256_add_epi32(mn[tt], _mm256_madd_epi16(sn, ones16));
+                }
+            }
+            for (int tt = 0; tt < NT; tt++) {
+                pend[tt][0][np] = mp[tt];
+                pend[tt][1][np] = mn[tt];
+            }
+            if (++np == 8 || (t == T - 1 && b == nb - 1)) {
+                for (int tt = 0; tt < NT; tt++)
+                    for (int s = 0; s < 2; s++) {
+                        int32_t v[8];
+                        for (int j = np; j < 8; j++) pend[tt][s][j] = _mm256_setzero_si256();
+                        _mm256_storeu_si256((__m256i *)v, avx2_hsum8(pend[tt][s]));
+                        for (int j = 0; j < np; j++) out[tt * tok_stride + (size_t)s * TB + u0 + j] = v[j];
+                    }
+                u0 += np;
+                np = 0;
+            }
+        }
+    }
+}
+
+TARGET_AVX2 static void pop2_tile(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row, int32_t tok0,
+                                  int32_t nt, int32_t *out, size_t tok_stride) {
+    switch (nt) {
+    case 1: pop2_tile_n(w, act, row, tok0, out, tok_stride, 1); break;
+    case 2: pop2_tile_n(w, act, row, tok0, out, tok_stride, 2); break;
+    case 3: pop2_tile_n(w, act, row, tok0, out, tok_stride, 3); break;
+    default: pop2_tile_n(w, act, row, tok0, out, tok_stride, 4); break;
+    }
+}
+
+static void sb_sums_pop2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums, int32_t r0, int32_t r1) {
+    sb_sums_drive(pop2_tile, w, act, sums, r0, r1);
+}
+
+static void sb_gemm_pop2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
+                         int32_t r1) {
+    sb_gemm_drive(pop2_tile, w, act, y, ldy, r0, r1);
+}
+
+const pbs2p_kernels pbs2p_kernels_avx2 = {"avx2", sb_gemm_pop2, sb_sums_pop2, q8_gemm_avx2};
 
 #endif

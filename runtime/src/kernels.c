@@ -34,40 +34,54 @@ static cpu_features cpu;
 static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
 static void cpu_init(void) { cpu = detect_cpu(); }
 
-static const pbs2p_kernels *find_best(void) {
+/* The tables this CPU can run, by name (NULL when unknown or unsupported). */
+static const pbs2p_kernels *find_named(const char *name) {
+    if (strcmp(name, "scalar") == 0) return &pbs2p_kernels_ref;
 #if defined(__x86_64__) || defined(__i386__)
-    /* The AVX-512 kernels use byte masks (AVX512BW) on 512-bit registers; F16C for the Q8 scales. */
-    if (cpu.avx512f && cpu.avx512bw && cpu.f16c && cpu.popcnt)
+    const int avx2 = cpu.avx2 && cpu.popcnt && cpu.f16c;
+    const int avx512bw = cpu.avx512f && cpu.avx512bw && cpu.f16c && cpu.popcnt;
+    if (strcmp(name, "avx2") == 0) return avx2 ? &pbs2p_kernels_avx2 : NULL;
+    if (strcmp(name, "avx2-expand") == 0) return avx2 ? &pbs2p_kernels_avx2_expand : NULL;
+    if (strcmp(name, "avx512") == 0) {
+        if (!(avx512bw && cpu.avx512vpopcntdq)) return NULL;
         return cpu.avx512vnni ? &pbs2p_kernels_avx512vnni : &pbs2p_kernels_avx512;
-    if (cpu.avx2 && cpu.popcnt && cpu.f16c) return &pbs2p_kernels_avx2;
+    }
+    if (strcmp(name, "avx512-expand") == 0) {
+        if (!avx512bw) return NULL;
+        return cpu.avx512vnni ? &pbs2p_kernels_avx512vnni_expand : &pbs2p_kernels_avx512_expand;
+    }
 #endif
 #if defined(__ARM_NEON)
-    if (cpu.neon) return &pbs2p_kernels_neon;
+    if (strcmp(name, "neon") == 0) return cpu.neon ? &pbs2p_kernels_neon : NULL;
+    if (strcmp(name, "neon-expand") == 0) return cpu.neon ? &pbs2p_kernels_neon_expand : NULL;
 #endif
+    return NULL;
+}
+
+const char *const pbs2p_kernel_names[] = {"scalar", "avx2", "avx2-expand", "avx512", "avx512-expand",
+                                          "neon", "neon-expand", NULL};
+
+/* The default ("auto"): the first available in this order. The popcount/expand order per ISA is the
+ * decision recorded in benchmarks/kernels/RESULTS.md (popcount where it wins or ties). */
+static const pbs2p_kernels *find_best(void) {
+    static const char *const order[] = {"avx512", "avx512-expand", "avx2", "avx2-expand", "neon", "neon-expand"};
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) {
+        const pbs2p_kernels *k = find_named(order[i]);
+        if (k != NULL) return k;
+    }
     return &pbs2p_kernels_ref;
 }
 
 const pbs2p_kernels *pbs2p_kernels_find(const char *name) {
     pthread_once(&cpu_once, cpu_init);
     if (name == NULL || strcmp(name, "auto") == 0) return find_best();
-    if (strcmp(name, "scalar") == 0) return &pbs2p_kernels_ref;
-#if defined(__x86_64__) || defined(__i386__)
-    if (strcmp(name, "avx2") == 0) return cpu.avx2 && cpu.popcnt && cpu.f16c ? &pbs2p_kernels_avx2 : NULL;
-    if (strcmp(name, "avx512") == 0) {
-        if (!(cpu.avx512f && cpu.avx512bw && cpu.f16c && cpu.popcnt)) return NULL;
-        return cpu.avx512vnni ? &pbs2p_kernels_avx512vnni : &pbs2p_kernels_avx512;
-    }
-#endif
-#if defined(__ARM_NEON)
-    if (strcmp(name, "neon") == 0) return cpu.neon ? &pbs2p_kernels_neon : NULL;
-#endif
-    return NULL;
+    return find_named(name);
 }
 
 static _Atomic(const pbs2p_kernels *) current;
 static pthread_once_t current_once = PTHREAD_ONCE_INIT;
 
-/* First use: PBS2P_KERNEL (scalar|avx2|avx512|neon|auto) or the best table. A bad value cannot fail a
+/* First use: PBS2P_KERNEL (a name of pbs2p_kernel_names, or auto) or the best table. A bad value cannot fail a
  * getter, so it is logged and ignored. */
 static void current_init(void) {
     const char *env = getenv("PBS2P_KERNEL");
@@ -94,7 +108,8 @@ pbs2p_status pbs2p_set_kernel(const char *name) {
     const pbs2p_kernels *k = pbs2p_kernels_find(name);
     if (k == NULL)
         return PBS2P_FAIL(PBS2P_ERR_UNSUPPORTED,
-                          "kernel \"%s\" is not available on this CPU/build (known: scalar, avx2, avx512, neon, auto)",
+                          "kernel \"%s\" is not available on this CPU/build (known: scalar, avx2, avx2-expand, "
+                          "avx512, avx512-expand, neon, neon-expand, auto)",
                           name);
     atomic_store_explicit(&current, k, memory_order_release);
     return PBS2P_OK;

@@ -67,7 +67,7 @@ typedef void (*pbs2p_q8_gemm_fn)(const uint8_t *w, int32_t K, const pbs2p_q8_act
                                  int32_t r0, int32_t r1);
 
 typedef struct pbs2p_kernels {
-    const char *name;           /* "scalar", "avx2", "avx512", "neon" */
+    const char *name;           /* "scalar", "avx2", "avx512", "neon" (popcount), "avx2-expand", ... */
     pbs2p_sb_gemm_fn sb_gemm;
     pbs2p_sb_sums_fn sb_sums;
     pbs2p_q8_gemm_fn q8_gemm;
@@ -82,14 +82,22 @@ void pbs2p_q8_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, flo
 extern const pbs2p_kernels pbs2p_kernels_ref;
 
 /* SIMD tables (kernels-x86.c, kernels-arm.c); use them through pbs2p_kernels_find, which checks the CPU. */
+/* Two families compute the same sums: popcount over activation bit-planes ("avx2", "avx512", "neon") and
+ * bit expansion of the weight word into byte masks over the int8 activations ("*-expand"). */
 #if defined(__x86_64__) || defined(__i386__)
-extern const pbs2p_kernels pbs2p_kernels_avx2;        /* AVX2 + POPCNT + F16C */
-extern const pbs2p_kernels pbs2p_kernels_avx512;      /* AVX512F + AVX512BW (+ F16C) */
-extern const pbs2p_kernels pbs2p_kernels_avx512vnni;  /* same name "avx512", Q8 dot products with VPDPBUSD */
+extern const pbs2p_kernels pbs2p_kernels_avx2;               /* popcount: AVX2 + POPCNT + F16C */
+extern const pbs2p_kernels pbs2p_kernels_avx512;             /* popcount: AVX512F + BW + VPOPCNTDQ (+ F16C) */
+extern const pbs2p_kernels pbs2p_kernels_avx512vnni;         /* same name "avx512", Q8 dot products with VPDPBUSD */
+extern const pbs2p_kernels pbs2p_kernels_avx2_expand;        /* expand: AVX2 + POPCNT + F16C */
+extern const pbs2p_kernels pbs2p_kernels_avx512_expand;      /* expand: AVX512F + AVX512BW (+ F16C) */
+extern const pbs2p_kernels pbs2p_kernels_avx512vnni_expand;  /* same name "avx512-expand", VPDPBUSD Q8 */
 #endif
 #if defined(__ARM_NEON)
-extern const pbs2p_kernels pbs2p_kernels_neon;
+extern const pbs2p_kernels pbs2p_kernels_neon;               /* popcount: vcnt + vpadal */
+extern const pbs2p_kernels pbs2p_kernels_neon_expand;        /* expand: vtbl/vtst byte masks */
 #endif
+/* Every table name pbs2p_kernels_find knows (NULL-terminated), for tests and benchmarks. */
+extern const char *const pbs2p_kernel_names[];
 
 /* The kernel table in use (chosen once from CPUID / PBS2P_KERNEL / pbs2p_set_kernel). Thread-safe. */
 const pbs2p_kernels *pbs2p_kernels_get(void);

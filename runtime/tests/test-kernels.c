@@ -102,8 +102,14 @@ static float *make_x(int32_t n_tok, int32_t K, int32_t bs) {
     return x;
 }
 
-static const char *simd_names[] = {"avx2", "avx512", "neon"};
-enum { N_SIMD = 3 };
+/* Every SIMD table name (popcount and expand families); the ones this CPU lacks are skipped. */
+static const char *const *simd_names = pbs2p_kernel_names + 1;
+static int n_simd(void) {
+    int n = 0;
+    while (simd_names[n] != NULL) n++;
+    return n;
+}
+#define N_SIMD n_simd()
 
 static void test_sb(int32_t K, int32_t R, int32_t n_tok, int32_t bs, int32_t M, int32_t T) {
     sb_case c;
@@ -189,9 +195,8 @@ static void test_one_hot(void) {
     uint64_t *planes = xalloc(2 * W * 8);
     uint16_t alpha[2] = {0x3c00, 0x3c00}, mu[2] = {0, 0};
     pbs2p_sb_weight w = {1, K, 1, W, nb, bs / 64, planes, alpha, mu};
-    const char *names[] = {"scalar", "avx2", "avx512", "neon"};
-    for (int k = 0; k < 4; k++) {
-        const pbs2p_kernels *kern = pbs2p_kernels_find(names[k]);
+    for (int k = 0; pbs2p_kernel_names[k] != NULL; k++) {
+        const pbs2p_kernels *kern = pbs2p_kernels_find(pbs2p_kernel_names[k]);
         if (kern == NULL) continue;
         int bad = 0;
         for (int32_t j = 0; j < K && !bad; j++)
@@ -213,6 +218,43 @@ static void test_one_hot(void) {
     }
     free(planes);
     free(mem);
+}
+
+/* Extreme counts: every weight bit of a (possibly huge) block in one plane, activations all +127 or all -127
+ * (every bit-plane full, or plane 0 and the sign only). Reaches the largest per-lane counts each kernel
+ * accumulates before widening (AVX2 byte chunks of 15 words, AVX-512 int16 chunks of 256 words, ...). */
+static void test_extreme(int32_t K, int32_t bs, float value, int neg) {
+    const int32_t W = (K + 63) / 64, nb = (K + bs - 1) / bs;
+    float *x = xalloc((size_t)K * sizeof(float));
+    for (int32_t j = 0; j < K; j++) x[j] = value;
+    pbs2p_sb_act act;
+    void *mem = xalloc(pbs2p_sb_act_bytes(1, K, bs));
+    pbs2p_sb_act_init(&act, mem, 1, K, bs);
+    pbs2p_sb_quantize_ref(&act, x, K, 0, 1);
+    uint64_t *planes = xalloc((size_t)2 * W * 8);
+    uint16_t *alpha = xalloc((size_t)nb * 2), *mu = xalloc((size_t)nb * 2);
+    for (int32_t j = 0; j < K; j++) planes[neg * W + j / 64] |= 1ull << (j % 64);
+    for (int32_t b = 0; b < nb; b++) alpha[b] = mu[b] = 0x3c00;
+    pbs2p_sb_weight w = {1, K, 1, W, nb, bs / 64, planes, alpha, mu};
+    int32_t *s_ref = xalloc((size_t)2 * nb * 4), *s_k = xalloc((size_t)2 * nb * 4);
+    pbs2p_sb_sums_ref(&w, &act, s_ref, 0, 1);
+    CHECK(s_ref[neg * nb] == (int32_t)(value > 0 ? 127 : -127) * (K < bs ? K : bs), "reference extreme sum %d",
+          s_ref[neg * nb]);
+    for (int k = 0; k < N_SIMD; k++) {
+        const pbs2p_kernels *kern = pbs2p_kernels_find(simd_names[k]);
+        if (kern == NULL) continue;
+        memset(s_k, 0xa5, (size_t)2 * nb * 4);
+        kern->sb_sums(&w, &act, s_k, 0, 1);
+        CHECK(memcmp(s_ref, s_k, (size_t)2 * nb * 4) == 0, "%s extreme K=%d bs=%d x=%g neg=%d: %d vs %d",
+              kern->name, K, bs, (double)value, neg, s_k[neg * nb], s_ref[neg * nb]);
+    }
+    free(s_ref);
+    free(s_k);
+    free(alpha);
+    free(mu);
+    free(planes);
+    free(mem);
+    free(x);
 }
 
 /* roundf half away from zero on exact halves (127/amax = 1), the zero block, and the clamp/NaN guard when
@@ -264,10 +306,28 @@ int main(void) {
     CHECK(pbs2p_set_kernel("no-such-kernel") == PBS2P_ERR_UNSUPPORTED, "unknown kernel name must be UNSUPPORTED");
     CHECK(pbs2p_set_kernel("scalar") == PBS2P_OK && strcmp(pbs2p_kernel_name(), "scalar") == 0, "set scalar");
     CHECK(pbs2p_set_kernel(NULL) == PBS2P_OK && pbs2p_kernels_get() == pbs2p_kernels_find("auto"), "set auto");
+    for (int k = 0; k < N_SIMD; k++) {
+        const pbs2p_kernels *kern = pbs2p_kernels_find(simd_names[k]);
+        if (kern == NULL) {
+            CHECK(pbs2p_set_kernel(simd_names[k]) == PBS2P_ERR_UNSUPPORTED, "unavailable %s must be UNSUPPORTED",
+                  simd_names[k]);
+            continue;
+        }
+        CHECK(strcmp(kern->name, simd_names[k]) == 0, "table for %s is named %s", simd_names[k], kern->name);
+        CHECK(pbs2p_set_kernel(simd_names[k]) == PBS2P_OK && pbs2p_kernels_get() == kern, "set %s", simd_names[k]);
+    }
     CHECK(pbs2p_set_kernel(best->name) == PBS2P_OK && pbs2p_kernels_get() == best, "set back to %s", best->name);
 
     test_quantizer();
     test_one_hot();
+    /* 16 words per block (past AVX2's 15-word byte chunks), 520 words (past AVX-512's 256-word int16 chunks: a
+     * 520-word count would overflow int16) */
+    for (int neg = 0; neg < 2; neg++)
+        for (int sgn = 0; sgn < 2; sgn++) {
+            test_extreme(2048, 1024, sgn ? -1.0f : 1.0f, neg);
+            test_extreme(33280, 33280, sgn ? -1.0f : 1.0f, neg);
+            test_extreme(1000, 960, sgn ? -1.0f : 1.0f, neg);
+        }
 
     const int32_t Ks_full[] = {64, 128, 192, 576, 1000, 1536, 4096, 11008}, Ks_quick[] = {64, 576, 1000, 4096};
     const int32_t *Ks = quick ? Ks_quick : Ks_full;
