@@ -346,6 +346,8 @@ def compress_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: SolverConfig) -
             Err1 = torch.linalg.solve_triangular(Hinv1, W1 - Q1, upper=True, left=False)
             Wc[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    if not (torch.isfinite(alpha).all() and torch.isfinite(mu).all()):
+        raise ValueError(f"a scale overflows float16 (max |W| = {float(W0.abs().max()):.4g}); rescale the layer")
     terms_np = terms.to(torch.int8).cpu().numpy()
     alpha_np = alpha.to(torch.float16).cpu().numpy()
     mu_np = mu.to(torch.float16).cpu().numpy()

@@ -130,6 +130,8 @@ def test_argument_checks():
     assert "err_out" not in res.stats and np.all(res.mu == 0)
     with pytest.raises(ValueError, match="shape"):
         compress_layer(W, H[:32, :32], SolverConfig())
+    with pytest.raises(ValueError, match="overflows float16"):
+        compress_layer(W * 1e8, H, SolverConfig())
     for bad in (dict(method="gptq"), dict(m=5), dict(n=9), dict(n=0), dict(block_size=96), dict(score="x"),
                 dict(steps=-1)):
         with pytest.raises(ValueError):
