@@ -694,6 +694,7 @@ static size_t match_qwen2(const work *w, size_t i, size_t end, size_t max_n) {
 }
 
 static void pretok_words(const pbs2p_tokenizer *t, work *w, const uint8_t *s, size_t n_cp) {
+    size_t seg = 0; /* smollm: end of the current digit-free piece */
     for (size_t i = 0; i < n_cp && !w->nomem;) {
         size_t e;
         if (t->pre == PRE_SMOLLM) {
@@ -702,8 +703,10 @@ static void pretok_words(const pbs2p_tokenizer *t, work *w, const uint8_t *s, si
             if (IS_N(i)) {
                 e = i + 1;
             } else {
-                size_t seg = i;
-                while (seg < n_cp && !IS_N(seg)) seg++;
+                if (seg <= i) {
+                    seg = i;
+                    while (seg < n_cp && !IS_N(seg)) seg++;
+                }
                 e = match_gpt2(w, i, seg);
             }
         } else if (t->pre == PRE_QWEN2) {

@@ -266,6 +266,33 @@ static void test_pre(const char *pre, const char *s, const char *want, int line)
     pbs2p_file_close(f);
 }
 
+/* Every pre-tokenizer on 1 MB inputs that are one long word, many short words, or long whitespace runs (a
+ * matcher that rescans to the end of its piece per word was quadratic on the second). */
+static void test_pre_speed(void) {
+    static const char *pres[] = {"gpt2", "smollm", "qwen2", "llama-bpe"};
+    static const char *units[] = {"<|im_", "l", " ", "\n \t", "1", "x1 \n"};
+    size_t big = 1 << 20;
+    char *s = malloc(big);
+    for (int p = 0; p < 4; p++) {
+        pbs2p_tokenizer *t = NULL;
+        pbs2p_file *f = gpt2_file(pres[p], N_MERGES, NULL, 0);
+        CHECK(pbs2p_tokenizer_load(f, &t) == PBS2P_OK, "%s", pbs2p_last_error());
+        for (int u = 0; t && u < 6; u++) {
+            size_t ul = strlen(units[u]);
+            for (size_t i = 0; i < big; i++) s[i] = units[u][i % ul];
+            clock_t c0 = clock();
+            int32_t n = 0;
+            pbs2p_status st = pbs2p_tokenizer_encode(t, s, big, 0, 1, NULL, 0, &n);
+            double sec = (double)(clock() - c0) / CLOCKS_PER_SEC;
+            CHECK((st == PBS2P_OK || st == PBS2P_ERR_BUFFER_TOO_SMALL) && n > 0 && sec < 2.0,
+                  "pre %s unit \"%s\": status %d, %.2f s", pres[p], units[u], st, sec);
+        }
+        pbs2p_tokenizer_free(t);
+        pbs2p_file_close(f);
+    }
+    free(s);
+}
+
 static void test_pretokenizers(void) {
     test_pre("smollm", "1234 x", "1 2 3 4 Ġ x", __LINE__);      /* Digits(individual_digits) first */
     test_pre("smollm", "hello 12", "hello Ġ 1 2", __LINE__);
@@ -452,6 +479,7 @@ int main(int argc, char **argv) {
     pbs2p_set_log(quiet, NULL);
     test_gpt2();
     test_pretokenizers();
+    test_pre_speed();
     test_spm();
     test_validation();
     clear_vocab();
