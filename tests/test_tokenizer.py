@@ -39,7 +39,7 @@ TEXTS = [
     "emoji 👍 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ❤️ 🇫🇷",
     "combining e\u0301 n\u0303 Z̤͔ͧ̑̓ä͖̭̈̇lͮ̒ͫǪ̴̟̘ a\u0308\u0301",
     "unicode spaces a\u00a0b\u2003c\u3000d\u2028e\u0085f\u001cg\u001fh\u200bi",
-    "ligatures ﬁ ǅ titlecase ſ 'ſ Kelvin \u212a",
+    "ligatures ﬁ ǅ titlecase ſ 'ſ 'ſa 'ſt Kelvin \u212a '\u212a",
     "numbers ٣٤٥ Ⅻ ½ ² ①",
     "def f(x):\n    return x**2  # comment\n\n\nclass A:\n\tpass\n",
     "!!!???...,,, --- ((( ))) [[]] {{}} <<>> @@ ## $$",

@@ -659,17 +659,19 @@ static size_t match_gpt2(const work *w, size_t i, size_t end) {
     return match_spaces(w, i, end);
 }
 
-static uint32_t ascii_lower(uint32_t c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
+/* Simple case folding as Oniguruma's (?i) applies it to the contraction letters: ASCII, and U+017F LATIN SMALL
+ * LETTER LONG S, which folds to 's' ("'\u017fa" splits as "'\u017f", "a"). */
+static uint32_t fold_lower(uint32_t c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c == 0x17f ? 's' : c; }
 
 /* (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,max_n}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
  * (qwen2: max_n 1; llama3: max_n 3) */
 static size_t match_qwen2(const work *w, size_t i, size_t end, size_t max_n) {
     const uint32_t *cp = w->cp;
     if (cp[i] == '\'' && i + 1 < end) {
-        uint32_t d = ascii_lower(cp[i + 1]);
+        uint32_t d = fold_lower(cp[i + 1]);
         if (d == 's' || d == 't' || d == 'm' || d == 'd') return i + 2;
         if (i + 2 < end) {
-            uint32_t e = ascii_lower(cp[i + 2]);
+            uint32_t e = fold_lower(cp[i + 2]);
             if ((d == 'r' && e == 'e') || (d == 'v' && e == 'e') || (d == 'l' && e == 'l')) return i + 3;
         }
     }
