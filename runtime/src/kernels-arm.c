@@ -44,10 +44,12 @@ INLINE void neon_plane(const uint64_t *plane, const int8_t *q, size_t q_stride, 
     for (int32_t b = 0; b < nb; b++) {
         const int32_t i_end = (b + 1) * bw < W ? (b + 1) * bw : W;
         int32x4_t acc32[SB_TILE];
+        #pragma GCC unroll 4
         for (int tt = 0; tt < NT; tt++) acc32[tt] = vdupq_n_s32(0);
         for (int32_t i0 = b * bw; i0 < i_end; i0 += FLUSH_WORDS) {
             const int32_t i1 = i0 + FLUSH_WORDS < i_end ? i0 + FLUSH_WORDS : i_end;
             int16x8_t acc16[SB_TILE];
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) acc16[tt] = vdupq_n_s16(0);
             for (int32_t i = i0; i < i1; i++) {
                 const uint8x8_t pb = vcreate_u8(plane[i]);
@@ -55,6 +57,7 @@ INLINE void neon_plane(const uint64_t *plane, const int8_t *q, size_t q_stride, 
                 const int8x16_t m1 = vreinterpretq_s8_u8(expand16(pb, 1, bitsel));
                 const int8x16_t m2 = vreinterpretq_s8_u8(expand16(pb, 2, bitsel));
                 const int8x16_t m3 = vreinterpretq_s8_u8(expand16(pb, 3, bitsel));
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++) {
                     const int8_t *qi = q + tt * q_stride + (size_t)i * 64;
                     acc16[tt] = vpadalq_s8(acc16[tt], vandq_s8(vld1q_s8(qi), m0));
@@ -63,8 +66,10 @@ INLINE void neon_plane(const uint64_t *plane, const int8_t *q, size_t q_stride, 
                     acc16[tt] = vpadalq_s8(acc16[tt], vandq_s8(vld1q_s8(qi + 48), m3));
                 }
             }
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) acc32[tt] = vpadalq_s16(acc32[tt], acc16[tt]);
         }
+        #pragma GCC unroll 4
         for (int tt = 0; tt < NT; tt++) out[tt * stride + b] = hsum_s32(acc32[tt]);
     }
 }
@@ -171,14 +176,17 @@ INLINE void popn_tile_n(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32
         for (int32_t b = 0; b < nb; b++) {
             const int32_t i_end = (b + 1) * bw < W ? (b + 1) * bw : W;
             int32x4_t sp[POPN_TILE], sn[POPN_TILE];
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) sp[tt] = sn[tt] = vdupq_n_s32(0);
             for (int32_t c0 = b * bw; c0 < i_end; c0 += POPN_CHUNK) {
                 const int32_t c1 = c0 + POPN_CHUNK < i_end ? c0 + POPN_CHUNK : i_end;
                 uint16x8_t cp[POPN_TILE][4], cn[POPN_TILE][4];
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++)
                     for (int i = 0; i < 4; i++) cp[tt][i] = cn[tt][i] = vdupq_n_u16(0);
                 for (int32_t i = c0; i < c1; i++) {
                     const uint64x2_t P = vdupq_n_u64(pos[i]), N = vdupq_n_u64(neg[i]);
+                    #pragma GCC unroll 4
                     for (int tt = 0; tt < NT; tt++) {
                         const uint64_t *x = xp + tt * xs + (size_t)i * 8;
                         for (int k = 0; k < 4; k++) {
@@ -189,11 +197,13 @@ INLINE void popn_tile_n(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32
                         }
                     }
                 }
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++) {
                     sp[tt] = popn_weight(sp[tt], cp[tt]);
                     sn[tt] = popn_weight(sn[tt], cn[tt]);
                 }
             }
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) {
                 out[tt * tok_stride + t * nb + b] = hsum_s32(sp[tt]);
                 out[tt * tok_stride + TB + t * nb + b] = hsum_s32(sn[tt]);

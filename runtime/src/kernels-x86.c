@@ -93,15 +93,18 @@ TARGET_AVX2 INLINE void avx2_plane(const uint64_t *plane, const int8_t *q, size_
     for (int32_t b = 0; b < nb; b++) {
         const int32_t i_end = (b + 1) * bw < W ? (b + 1) * bw : W;
         __m256i acc32[SB_TILE];
+        #pragma GCC unroll 4
         for (int tt = 0; tt < NT; tt++) acc32[tt] = _mm256_setzero_si256();
         for (int32_t i0 = b * bw; i0 < i_end; i0 += FLUSH_WORDS) {
             const int32_t i1 = i0 + FLUSH_WORDS < i_end ? i0 + FLUSH_WORDS : i_end;
             __m256i acc16[SB_TILE];
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) acc16[tt] = _mm256_setzero_si256();
             for (int32_t i = i0; i < i1; i++) {
                 const __m256i p = _mm256_set1_epi64x((long long)plane[i]);
                 const __m256i m_lo = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(p, idx_lo), bitsel), bitsel);
                 const __m256i m_hi = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(p, idx_hi), bitsel), bitsel);
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++) {
                     const int8_t *qi = q + tt * q_stride + (size_t)i * 64;
                     const __m256i x_lo = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)qi), m_lo);
@@ -110,9 +113,11 @@ TARGET_AVX2 INLINE void avx2_plane(const uint64_t *plane, const int8_t *q, size_
                     acc16[tt] = _mm256_add_epi16(acc16[tt], _mm256_maddubs_epi16(ones8, x_hi));
                 }
             }
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++)
                 acc32[tt] = _mm256_add_epi32(acc32[tt], _mm256_madd_epi16(acc16[tt], ones16));
         }
+        #pragma GCC unroll 4
         for (int tt = 0; tt < NT; tt++) out[tt * stride + b] = avx2_hsum_i32(acc32[tt]);
     }
 }
@@ -214,21 +219,26 @@ TARGET_AVX512 INLINE void avx512_plane(const uint64_t *plane, const int8_t *q, s
     for (int32_t b = 0; b < nb; b++) {
         const int32_t i_end = (b + 1) * bw < W ? (b + 1) * bw : W;
         __m512i acc32[SB_TILE];
+        #pragma GCC unroll 4
         for (int tt = 0; tt < NT; tt++) acc32[tt] = _mm512_setzero_si512();
         for (int32_t i0 = b * bw; i0 < i_end; i0 += FLUSH_WORDS) {
             const int32_t i1 = i0 + FLUSH_WORDS < i_end ? i0 + FLUSH_WORDS : i_end;
             __m512i acc16[SB_TILE];
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) acc16[tt] = _mm512_setzero_si512();
             for (int32_t i = i0; i < i1; i++) {
                 const __mmask64 m = _cvtu64_mask64(plane[i]);
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++) {
                     const __m512i x = _mm512_maskz_loadu_epi8(m, q + tt * q_stride + (size_t)i * 64);
                     acc16[tt] = _mm512_add_epi16(acc16[tt], _mm512_maddubs_epi16(ones8, x));
                 }
             }
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++)
                 acc32[tt] = _mm512_add_epi32(acc32[tt], _mm512_madd_epi16(acc16[tt], ones16));
         }
+        #pragma GCC unroll 4
         for (int tt = 0; tt < NT; tt++) out[tt * stride + b] = _mm512_reduce_add_epi32(acc32[tt]);
     }
 }
@@ -357,13 +367,16 @@ TARGET_AVX512POP INLINE void pop512_tile_n(const pbs2p_sb_weight *w, const pbs2p
         for (int32_t b = 0; b < nb; b++) {
             const int32_t i_end = (b + 1) * bw < W ? (b + 1) * bw : W;
             __m512i m[SB_TILE];
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) m[tt] = _mm512_setzero_si512();
             for (int32_t c0 = b * bw; c0 < i_end; c0 += POP512_CHUNK) {
                 const int32_t c1 = c0 + POP512_CHUNK < i_end ? c0 + POP512_CHUNK : i_end;
                 __m512i ap[SB_TILE], an[SB_TILE];
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++) ap[tt] = an[tt] = _mm512_setzero_si512();
                 for (int32_t i = c0; i < c1; i++) {
                     const __m512i P = _mm512_set1_epi64((long long)pos[i]), N = _mm512_set1_epi64((long long)neg[i]);
+                    #pragma GCC unroll 4
                     for (int tt = 0; tt < NT; tt++) {
                         const __m512i X = _mm512_loadu_si512((const void *)(xp + tt * xs + (size_t)i * 8));
                         /* imm 0x28 = (a ^ b) & c */
@@ -371,13 +384,16 @@ TARGET_AVX512POP INLINE void pop512_tile_n(const pbs2p_sb_weight *w, const pbs2p
                         an[tt] = _mm512_add_epi64(an[tt], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(X, flip7, N, 0x28)));
                     }
                 }
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++) {
                     const __m512i pn = _mm512_mask_shuffle_epi32(ap[tt], 0xAAAA, an[tt], _MM_PERM_CDAB);
                     m[tt] = _mm512_add_epi32(m[tt], _mm512_madd_epi16(pn, wts));
                 }
             }
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) pend[tt][np] = m[tt];
             if (++np == 8) {
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++) pop512_flush(pend[tt], 8, out + tt * tok_stride, TB, u0);
                 u0 += 8;
                 np = 0;
@@ -385,6 +401,7 @@ TARGET_AVX512POP INLINE void pop512_tile_n(const pbs2p_sb_weight *w, const pbs2p
         }
     }
     if (np > 0)
+        #pragma GCC unroll 4
         for (int tt = 0; tt < NT; tt++) pop512_flush(pend[tt], np, out + tt * tok_stride, TB, u0);
 }
 
@@ -448,13 +465,16 @@ TARGET_AVX2 INLINE void pop2_tile_n(const pbs2p_sb_weight *w, const pbs2p_sb_act
         for (int32_t b = 0; b < nb; b++) {
             const int32_t i_end = (b + 1) * bw < W ? (b + 1) * bw : W;
             __m256i mp[SB_TILE], mn[SB_TILE];
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) mp[tt] = mn[tt] = _mm256_setzero_si256();
             for (int32_t c0 = b * bw; c0 < i_end; c0 += POP2_CHUNK) {
                 const int32_t c1 = c0 + POP2_CHUNK < i_end ? c0 + POP2_CHUNK : i_end;
                 __m256i plo[SB_TILE], phi[SB_TILE], nlo[SB_TILE], nhi[SB_TILE];
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++) plo[tt] = phi[tt] = nlo[tt] = nhi[tt] = _mm256_setzero_si256();
                 for (int32_t i = c0; i < c1; i++) {
                     const __m256i P = _mm256_set1_epi64x((long long)pos[i]), N = _mm256_set1_epi64x((long long)neg[i]);
+                    #pragma GCC unroll 4
                     for (int tt = 0; tt < NT; tt++) {
                         const uint64_t *x = xp + tt * xs + (size_t)i * 8;
                         const __m256i xlo = _mm256_loadu_si256((const __m256i *)x);
@@ -465,6 +485,7 @@ TARGET_AVX2 INLINE void pop2_tile_n(const pbs2p_sb_weight *w, const pbs2p_sb_act
                         nhi[tt] = _mm256_add_epi8(nhi[tt], pop2_bytes(_mm256_and_si256(xhi, N), lut, m0f));
                     }
                 }
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++) {
                     const __m256i sp = _mm256_add_epi16(_mm256_maddubs_epi16(plo[tt], w_lo), _mm256_maddubs_epi16(phi[tt], w_hi));
                     const __m256i sn = _mm256_add_epi16(_mm256_maddubs_epi16(nlo[tt], w_lo), _mm256_maddubs_epi16(nhi[tt], w_hi));
@@ -472,11 +493,13 @@ TARGET_AVX2 INLINE void pop2_tile_n(const pbs2p_sb_weight *w, const pbs2p_sb_act
                     mn[tt] = _mm256_add_epi32(mn[tt], _mm256_madd_epi16(sn, ones16));
                 }
             }
+            #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) {
                 pend[tt][0][np] = mp[tt];
                 pend[tt][1][np] = mn[tt];
             }
             if (++np == 8 || (t == T - 1 && b == nb - 1)) {
+                #pragma GCC unroll 4
                 for (int tt = 0; tt < NT; tt++)
                     for (int s = 0; s < 2; s++) {
                         int32_t v[8];
