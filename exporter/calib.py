@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +69,14 @@ def _cache_of(res: Any) -> Any:
 
 @torch.no_grad()
 def self_generated(model: Any, tok: Any, nsamples: int, seqlen: int, seed: int, batch: int = 32,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, progress: bool = True) -> torch.Tensor:
     """Sample nsamples sequences of seqlen tokens from the model itself, starting at BOS (fully offline).
 
     Plain multinomial sampling at temperature 1 with a seeded generator on the CPU (so CPU and GPU runs draw the
     same tokens up to float differences in the logits); EOS is masked so every sequence runs to full length.
     """
+    from tqdm.auto import tqdm
+
     dev = next(model.parameters()).device
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if start is None:
@@ -89,7 +92,8 @@ def self_generated(model: Any, tok: Any, nsamples: int, seqlen: int, seed: int, 
         seq = torch.full((nb, 1), start, dtype=torch.long)
         res = model(seq.to(dev), use_cache=True)
         past = _cache_of(res)
-        for _ in range(seqlen - 1):
+        for _ in tqdm(range(seqlen - 1), desc=f"calibration: sampling {b0 + nb}/{nsamples}", disable=not progress,
+                      file=sys.stderr, leave=False):
             logits = res.logits[:, -1, :vocab].float().cpu()
             if eos is not None and eos < vocab:
                 logits[:, eos] = float("-inf")
@@ -102,12 +106,13 @@ def self_generated(model: Any, tok: Any, nsamples: int, seqlen: int, seed: int, 
     return torch.cat(out)
 
 
-def get_windows(spec: str, model: Any, tok: Any, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
+def get_windows(spec: str, model: Any, tok: Any, nsamples: int, seqlen: int, seed: int,
+                progress: bool = True) -> tuple[torch.Tensor, str]:
     """-> (LongTensor (nsamples, seqlen), a one-line description for pbs2p.calibration)."""
     if nsamples <= 0 or seqlen <= 1:
         raise CalibrationError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
     if spec == "self":
-        ids = self_generated(model, tok, nsamples, seqlen, seed)
+        ids = self_generated(model, tok, nsamples, seqlen, seed, progress=progress)
         return ids, f"self-generated text (sampling from BOS, T=1), {nsamples} x {seqlen} tokens, seed {seed}"
     if spec.startswith("hf:"):
         name = spec[3:]

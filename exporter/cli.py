@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-coarse", action="store_true", help="ablation: uniform N in every block (no CFS coarse stage)")
     ap.add_argument("--coarse", action="store_true", help="force the coarse stage on for a baseline method")
     ap.add_argument("--score", default="obs", choices=("obs", "magnitude"), help="fine-stage pruning score")
-    ap.add_argument("--steps", default="auto", help="SPBO steps: 1 (one-shot) or auto (M - N)")
+    ap.add_argument("--steps", default="auto", help="SPBO steps: auto (M - N, default), 1 (one-shot), 0 (static mask, then binarize)")
     ap.add_argument("--salient", action="store_true", help="second binary term on salient columns (costs bits)")
     ap.add_argument("--no-compensate", action="store_true", help="ablation: no GPTQ-style error compensation")
     ap.add_argument("--percdamp", type=float, default=0.01)
@@ -59,7 +59,7 @@ def config_from_args(a: argparse.Namespace) -> P.ExportConfig:
         try:
             steps = int(a.steps)
         except ValueError:
-            raise P.ExportError(f"--steps {a.steps!r}: use an integer >= 1 or auto") from None
+            raise P.ExportError(f"--steps {a.steps!r}: use an integer >= 0 or auto") from None
     nsamples = a.nsamples if a.nsamples is not None else (CAL.PAPER_NSAMPLES if a.paper else CAL.DEFAULT_NSAMPLES)
     seqlen = a.seqlen if a.seqlen is not None else (CAL.PAPER_SEQLEN if a.paper else CAL.DEFAULT_SEQLEN)
     if a.coarse and a.no_coarse:

@@ -79,7 +79,7 @@ def load(model: str | None, device: str = "cpu") -> Loaded:
     kw: dict[str, Any] = {"dtype": torch.float32}
     try:
         if kind == "gguf":
-            m = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf.name, **kw)
+            m = load_gguf_model(gguf)
             tok = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
             name = gguf.stem
             src = str(gguf)
@@ -93,6 +93,26 @@ def load(model: str | None, device: str = "cpu") -> Loaded:
         raise ModelLoadError(f"{model or 'default model'}: cannot load: {one_line(e)}") from e
     m = m.float().eval().to(device)
     return Loaded(m, tok, src, gguf, name)
+
+
+def load_gguf_model(path: Path) -> Any:
+    """A float32 HF model from a GGUF file: the config and the dequantized, HF-named (Q/K un-permuted) tensors
+    come from transformers' GGUF support; the model is built directly because from_pretrained(gguf_file=)
+    requires the `accelerate` package in transformers 5."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    sd = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=m)["tensors"]
+    missing, unexpected = m.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: GGUF tensors do not match the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    m.tie_weights()
+    return m
 
 
 def one_line(e: BaseException) -> str:

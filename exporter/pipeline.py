@@ -75,14 +75,16 @@ class ExportConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ExportError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method == "fp16":
+            self.nm = None  # no quantization, no pruning: --nm does not apply
         if self.embed_type not in EMBED_TYPES:
             raise ExportError(f"--embed-type {self.embed_type!r}: choose one of {', '.join(EMBED_TYPES)}")
         if self.block_size <= 0 or self.block_size % 64:
             raise ExportError(f"--block-size {self.block_size}: must be a positive multiple of 64")
         if self.score not in ("obs", "magnitude"):
             raise ExportError(f"--score {self.score!r}: choose obs or magnitude")
-        if self.steps is not None and self.steps <= 0:
-            raise ExportError(f"--steps {self.steps}: must be >= 1 (or auto)")
+        if self.steps is not None and self.steps < 0:
+            raise ExportError(f"--steps {self.steps}: must be >= 0 (0: static mask, 1: one-shot) or auto")
         if self.nsamples <= 0 or self.seqlen <= 1:
             raise ExportError(f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: need >= 1 and >= 2")
 
@@ -464,7 +466,7 @@ def export(model_arg: str | None, out: str | Path, cfg: ExportConfig, force: boo
     if cfg.method != "fp16":
         t = time.time()
         windows, desc = calib.get_windows(cfg.calib, loaded.model, loaded.tokenizer, cfg.nsamples, cfg.seqlen,
-                                          cfg.seed)
+                                          cfg.seed, cfg.progress)
         log(f"calibration: {desc} ({time.time() - t:.1f} s)")
     comp = compress(loaded, cfg, windows, desc)
     write(comp, loaded, out, force)
