@@ -176,7 +176,8 @@ PBS2P_API int32_t pbs2p_sample(pbs2p_sampler *sampler, float *logits, int32_t n_
 
 /* ---- kernels ---- */
 
-/* Name of the sparse-binary kernel in use: "scalar", "avx2", "avx512", "neon". */
+/* Name of the sparse-binary kernel in use: "scalar", "avx2", "avx512", "neon" (popcount) or "avx2-expand",
+ * "avx512-expand", "neon-expand" (byte-mask expansion; see benchmarks/kernels/RESULTS.md for which is default). */
 PBS2P_API const char *pbs2p_kernel_name(void);
 /* Force a kernel ("scalar", "avx2", ...; NULL or "auto": best available). The environment variable
  * PBS2P_KERNEL does the same at first use. Fails with UNSUPPORTED if this CPU or build lacks it. */
