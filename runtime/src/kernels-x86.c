@@ -51,8 +51,12 @@ static void sb_sums_drive(sb_tile_fn tile, const pbs2p_sb_weight *w, const pbs2p
         }
 }
 
-static void sb_gemm_drive(sb_tile_fn tile, const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy,
-                          int32_t r0, int32_t r1) {
+/* The row combination (docs/format.md order), pbs2p_sb_combine_row's contract: rows [T][nb] pos / neg sums. */
+typedef float (*sb_combine_fn)(const pbs2p_sb_weight *w, int32_t row, const int32_t *spos, const int32_t *sneg,
+                               const float *xs);
+
+INLINE void sb_gemm_drive(sb_tile_fn tile, sb_combine_fn combine, const pbs2p_sb_weight *w, const pbs2p_sb_act *act,
+                          float *y, int64_t ldy, int32_t r0, int32_t r1) {
     const int32_t TB = w->n_terms * w->n_blocks, nb = w->n_blocks;
     const int32_t ntile = tile_tokens(w);
     int32_t buf[SB_BUF];
@@ -66,10 +70,138 @@ static void sb_gemm_drive(sb_tile_fn tile, const pbs2p_sb_weight *w, const pbs2p
             tile(w, act, r, t0, nt, buf, (size_t)2 * TB);
             for (int32_t tt = 0; tt < nt; tt++) {
                 const int32_t *s = buf + (size_t)tt * 2 * TB;
-                y[(int64_t)(t0 + tt) * ldy + r] =
-                    pbs2p_sb_combine_row(w, r, s, s + TB, act->scale + (size_t)(t0 + tt) * nb);
+                y[(int64_t)(t0 + tt) * ldy + r] = combine(w, r, s, s + TB, act->scale + (size_t)(t0 + tt) * nb);
             }
         }
+}
+
+/* ------------------------------------------------------- SIMD row combination ----------------------------
+ * pbs2p_sb_combine_row with the per-block work in vector lanes (lane = block): every lane does exactly the
+ * scalar float steps (s = 0 + α_0·d_0 (+ α_t·d_t ...) + μ·k, c = s_b·s), f16 -> f32 by F16C (exact), then the
+ * contributions are added to acc one by one in block order, so the result is bit-identical. This replaces
+ * ~10 software f16 conversions and ~30 scalar ops per block, which cost as much as the popcounts at bs = 128. */
+
+/* n <= LANES f16 values at p, zero padded (no read past p[n-1]). */
+#define LOAD_F16(p, n, LANES, tmp) \
+    ((n) == (LANES) ? (const uint16_t *)(p) : (memset(tmp, 0, sizeof tmp), memcpy(tmp, p, (size_t)(n) * 2), tmp))
+
+TARGET_AVX2 static float combine_avx2(const pbs2p_sb_weight *w, int32_t row, const int32_t *sp, const int32_t *sn,
+                                      const float *xs) {
+    const int32_t T = w->n_terms, nb = w->n_blocks;
+    const uint16_t *alpha = w->alpha + (size_t)row * T * nb, *mu = w->mu + (size_t)row * nb;
+    static const int32_t lane_mask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    float acc = 0.0f;
+    for (int32_t b0 = 0; b0 < nb; b0 += 8) {
+        const int32_t n = nb - b0 < 8 ? nb - b0 : 8;
+        const __m256i m = _mm256_loadu_si256((const __m256i *)(lane_mask + 8 - n));
+        uint16_t tmp[8];
+        __m256 s = _mm256_setzero_ps();
+        for (int32_t t = 0; t < T; t++) {
+            const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)LOAD_F16(alpha + (size_t)t * nb + b0, n, 8, tmp)));
+            const __m256i d = _mm256_sub_epi32(_mm256_maskload_epi32(sp + t * nb + b0, m),
+                                               _mm256_maskload_epi32(sn + t * nb + b0, m));
+            s = _mm256_add_ps(s, _mm256_mul_ps(a, _mm256_cvtepi32_ps(d)));
+        }
+        const __m256 vm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)LOAD_F16(mu + b0, n, 8, tmp)));
+        const __m256i k = _mm256_add_epi32(_mm256_maskload_epi32(sp + b0, m), _mm256_maskload_epi32(sn + b0, m));
+        s = _mm256_add_ps(s, _mm256_mul_ps(vm, _mm256_cvtepi32_ps(k)));
+        float c[8];
+        _mm256_storeu_ps(c, _mm256_mul_ps(_mm256_maskload_ps(xs + b0, m), s));
+        for (int32_t j = 0; j < n; j++) acc = acc + c[j];
+    }
+    return acc;
+}
+
+TARGET_AVX512 static float combine_avx512(const pbs2p_sb_weight *w, int32_t row, const int32_t *sp,
+                                          const int32_t *sn, const float *xs) {
+    const int32_t T = w->n_terms, nb = w->n_blocks;
+    const uint16_t *alpha = w->alpha + (size_t)row * T * nb, *mu = w->mu + (size_t)row * nb;
+    float acc = 0.0f;
+    for (int32_t b0 = 0; b0 < nb; b0 += 16) {
+        const int32_t n = nb - b0 < 16 ? nb - b0 : 16;
+        const __mmask16 m = (__mmask16)((1u << n) - 1u);
+        uint16_t tmp[16];
+        __m512 s = _mm512_setzero_ps();
+        for (int32_t t = 0; t < T; t++) {
+            const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)LOAD_F16(alpha + (size_t)t * nb + b0, n, 16, tmp)));
+            const __m512i d = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, sp + t * nb + b0),
+                                               _mm512_maskz_loadu_epi32(m, sn + t * nb + b0));
+            s = _mm512_add_ps(s, _mm512_mul_ps(a, _mm512_cvtepi32_ps(d)));
+        }
+        const __m512 vm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)LOAD_F16(mu + b0, n, 16, tmp)));
+        const __m512i k = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, sp + b0), _mm512_maskz_loadu_epi32(m, sn + b0));
+        s = _mm512_add_ps(s, _mm512_mul_ps(vm, _mm512_cvtepi32_ps(k)));
+        float c[16];
+        _mm512_storeu_ps(c, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs + b0), s));
+        for (int32_t j = 0; j < n; j++) acc = acc + c[j];
+    }
+    return acc;
+}
+
+/* ------------------------------------------------------ SIMD activation quantizer ------------------------
+ * pbs2p_sb_quantize_ref, 8 floats a step: amax by vmaxps (NaN inputs are skipped as by the scalar `a > amax`:
+ * vmaxps(a, m) returns m when a is NaN), q = roundf(x·(127/amax)) with roundf built exactly from truncation
+ * (t = trunc(v); |v − t| is exact; t ± 1 when it is >= 0.5: half away from zero), NaN -> 0, clamp ±127.
+ * Bit-plane k of u = q ^ 0x80 over 64 columns: vpsllw by 7 − k puts bit k of every byte in its top bit
+ * (bits cross only into the upper byte of a 16-bit lane, below its top bit) and vpmovmskb collects them.
+ * Blocks whose length is not a multiple of 32 (K not a multiple of 32) take the scalar reference. */
+TARGET_AVX2 void pbs2p_sb_quantize_avx2(pbs2p_sb_act *act, const float *x, int32_t K, int32_t t0, int32_t t1) {
+    const int32_t W = act->n_words, nb = act->n_blocks, bs = act->block_words * 64;
+    if (K % 32 != 0) {
+        pbs2p_sb_quantize_ref(act, x, K, t0, t1);
+        return;
+    }
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 signm = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256 lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), flip = _mm256_set1_epi8((char)0x80);
+    for (int32_t t = t0; t < t1; t++) {
+        const float *xt = x + (size_t)t * K;
+        int8_t *q = act->q + (size_t)t * W * 64;
+        float *sc = act->scale + (size_t)t * nb;
+        memset(q + K, 0, (size_t)W * 64 - (size_t)K);
+        for (int32_t b = 0; b < nb; b++) {
+            const int32_t j0 = b * bs, n = K - j0 < bs ? K - j0 : bs;
+            __m256 mx = _mm256_setzero_ps();
+            for (int32_t j = 0; j < n; j += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xt + j0 + j), absm), mx);
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+            const float amax = _mm_cvtss_f32(m4);
+            if (!(amax > 0.0f) || !(amax <= 3.402823466e38f)) { /* zero or non-finite block: all q = 0 */
+                memset(q + j0, 0, (size_t)n);
+                sc[b] = 0.0f;
+                continue;
+            }
+            const __m256 inv = _mm256_set1_ps(127.0f / amax);
+            for (int32_t j = 0; j < n; j += 32) {
+                __m256i iv[4];
+                for (int i = 0; i < 4; i++) {
+                    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xt + j0 + j + 8 * i), inv);
+                    v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
+                    __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                    const __m256 ge = _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(v, r), absm), half, _CMP_GE_OQ);
+                    r = _mm256_add_ps(r, _mm256_and_ps(ge, _mm256_or_ps(_mm256_and_ps(v, signm), one)));
+                    iv[i] = _mm256_cvttps_epi32(_mm256_max_ps(_mm256_min_ps(r, lim), nlim));
+                }
+                const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+                _mm256_storeu_si256((__m256i *)(q + j0 + j), _mm256_permutevar8x32_epi32(p, perm));
+            }
+            sc[b] = amax / 127.0f;
+        }
+        uint64_t *xp = act->xplanes + (size_t)t * W * 8;
+        for (int32_t wi = 0; wi < W; wi++) {
+            const __m256i u0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + (size_t)wi * 64)), flip);
+            const __m256i u1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + (size_t)wi * 64 + 32)), flip);
+            #pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) {
+                const uint32_t lo = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(u0, 7 - k));
+                const uint32_t hi = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(u1, 7 - k));
+                xp[(size_t)wi * 8 + k] = (uint64_t)lo | (uint64_t)hi << 32;
+            }
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- AVX2 ---------------------------------- */
@@ -146,7 +278,7 @@ static void sb_sums_avx2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int3
 
 static void sb_gemm_avx2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
                          int32_t r1) {
-    sb_gemm_drive(avx2_tile, w, act, y, ldy, r0, r1);
+    sb_gemm_drive(avx2_tile, combine_avx2, w, act, y, ldy, r0, r1);
 }
 
 /* 8 vectors of 8 int32 -> one vector of their 8 sums (v[0]'s sum in lane 0). */
@@ -267,7 +399,7 @@ static void sb_sums_avx512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, in
 
 static void sb_gemm_avx512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
                            int32_t r1) {
-    sb_gemm_drive(avx512_tile, w, act, y, ldy, r0, r1);
+    sb_gemm_drive(avx512_tile, combine_avx512, w, act, y, ldy, r0, r1);
 }
 
 /* VPDPBUSD: Σ |w|·sign(x, w) over groups of 4 straight into int32 lanes (one instruction per block). */
@@ -421,11 +553,12 @@ static void sb_sums_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, in
 
 static void sb_gemm_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
                            int32_t r1) {
-    sb_gemm_drive(pop512_tile, w, act, y, ldy, r0, r1);
+    sb_gemm_drive(pop512_tile, combine_avx512, w, act, y, ldy, r0, r1);
 }
 
 const pbs2p_kernels pbs2p_kernels_avx512 = {"avx512", sb_gemm_pop512, sb_sums_pop512, q8_gemm_avx2};
-const pbs2p_kernels pbs2p_kernels_avx512vnni = {"avx512", sb_gemm_pop512, sb_sums_pop512, q8_gemm_avx512vnni};
+const pbs2p_kernels pbs2p_kernels_avx512vnni = {"avx512", sb_gemm_pop512, sb_sums_pop512,
+                                              q8_gemm_avx512vnni};
 
 /* ------------------------------------------------------------ AVX2 popcount ----------------------------- */
 
@@ -530,7 +663,7 @@ static void sb_sums_pop2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int3
 
 static void sb_gemm_pop2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
                          int32_t r1) {
-    sb_gemm_drive(pop2_tile, w, act, y, ldy, r0, r1);
+    sb_gemm_drive(pop2_tile, combine_avx2, w, act, y, ldy, r0, r1);
 }
 
 const pbs2p_kernels pbs2p_kernels_avx2 = {"avx2", sb_gemm_pop2, sb_sums_pop2, q8_gemm_avx2};

@@ -110,6 +110,15 @@ const pbs2p_kernels *pbs2p_kernels_get(void) {
     return atomic_load_explicit(&current, memory_order_acquire);
 }
 
+pbs2p_sb_quantize_fn pbs2p_sb_quantizer(const pbs2p_kernels *k) {
+    pthread_once(&cpu_once, cpu_init);
+#if defined(__x86_64__) || defined(__i386__)
+    if (k != &pbs2p_kernels_ref && cpu.avx2 && cpu.f16c) return pbs2p_sb_quantize_avx2;
+#endif
+    (void)k;
+    return pbs2p_sb_quantize_ref;
+}
+
 const char *pbs2p_kernel_name(void) { return pbs2p_kernels_get()->name; }
 
 pbs2p_status pbs2p_set_kernel(const char *name) {

@@ -66,12 +66,22 @@ void pbs2p_q8_quantize_ref(pbs2p_q8_act *act, const float *x, int32_t K, int32_t
 typedef void (*pbs2p_q8_gemm_fn)(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
                                  int32_t r0, int32_t r1);
 
+/* Same contract and bit-identical output as pbs2p_sb_quantize_ref. */
+typedef void (*pbs2p_sb_quantize_fn)(pbs2p_sb_act *act, const float *x, int32_t K, int32_t t0, int32_t t1);
+
 typedef struct pbs2p_kernels {
     const char *name;           /* "scalar", "avx2", "avx512", "neon" (popcount), "avx2-expand", ... */
     pbs2p_sb_gemm_fn sb_gemm;
     pbs2p_sb_sums_fn sb_sums;
     pbs2p_q8_gemm_fn q8_gemm;
 } pbs2p_kernels;
+
+/* The activation quantizer to pair with table k: a SIMD one where this build and CPU have it, else
+ * pbs2p_sb_quantize_ref. Every one is bit-identical to the reference (q, scale and xplanes). */
+pbs2p_sb_quantize_fn pbs2p_sb_quantizer(const pbs2p_kernels *k);
+#if defined(__x86_64__) || defined(__i386__)
+void pbs2p_sb_quantize_avx2(pbs2p_sb_act *act, const float *x, int32_t K, int32_t t0, int32_t t1); /* AVX2 + F16C */
+#endif
 
 /* Reference kernels (always available). */
 void pbs2p_sb_gemm_ref(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy,

@@ -666,6 +666,7 @@ static void range_split(int32_t n, int32_t ith, int32_t nth, int32_t *a, int32_t
 }
 
 typedef struct quant_task {
+    pbs2p_sb_quantize_fn quantize;
     pbs2p_sb_act *act;
     const float *x;
     int32_t K, n_tok;
@@ -675,13 +676,13 @@ static void quant_fn(void *arg, int32_t ith, int32_t nth) {
     quant_task *t = arg;
     int32_t a, b;
     range_split(t->n_tok, ith, nth, &a, &b);
-    if (a < b) pbs2p_sb_quantize_ref(t->act, t->x, t->K, a, b);
+    if (a < b) t->quantize(t->act, t->x, t->K, a, b);
 }
 
 /* Quantize x [n_tok][K] for the sparse-binary linears of input size K (once per distinct input). */
 static void quantize_input(pbs2p_ctx *ctx, const float *x, int32_t K, int32_t n_tok) {
     pbs2p_sb_act_init(&ctx->act, ctx->act_mem, n_tok, K, ctx->model->cfg.block_size);
-    quant_task t = {&ctx->act, x, K, n_tok};
+    quant_task t = {pbs2p_sb_quantizer(ctx->kern), &ctx->act, x, K, n_tok};
     if (n_tok == 1) quant_fn(&t, 0, 1);
     else pbs2p_pool_run(ctx->pool, quant_fn, &t);
 }

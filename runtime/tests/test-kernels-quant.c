@@ -1,0 +1,84 @@
+/* The SIMD activation quantizers (pbs2p_sb_quantizer) against pbs2p_sb_quantize_ref: q, scale and xplanes
+ * byte-identical, over block sizes, K (multiples of 32 and not), token ranges, and inputs that hit every branch
+ * of the scalar rule: exact .5 ties, zero blocks, NaN (skipped by amax, q = 0), ±inf (zero block), subnormal
+ * amax (127/amax = inf), values that round to ±127 and ±128 before the clamp. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+static int n_pass, n_fail;
+#define CHECK(cond, ...)                              \
+    do {                                              \
+        if (cond) {                                   \
+            n_pass++;                                 \
+        } else {                                      \
+            n_fail++;                                 \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+            printf(__VA_ARGS__);                      \
+            printf("\n");                             \
+        }                                             \
+    } while (0)
+
+static uint64_t rng_state = 0x243f6a8885a308d3ull;
+static uint64_t rng(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+static float unit(void) { return (float)(rng() >> 40) / (float)(1 << 24); }
+
+/* One value of the given kind for block position j (kind picked per block). */
+static float value(int kind, int32_t j) {
+    switch (kind) {
+    case 0: return (unit() * 2.0f - 1.0f) * 3.0f;                       /* ordinary */
+    case 1: return 0.0f;                                               /* zero block */
+    case 2: return j == 0 ? 127.0f : (float)((int)(rng() % 254) - 127) + 0.5f; /* amax 127: x·1 ties at .5 */
+    case 3: return j % 7 == 3 ? NAN : unit() - 0.5f;                     /* NaN skipped by amax, q = 0 */
+    case 4: return j == 5 ? INFINITY : unit();                           /* non-finite amax: zero block */
+    case 5: return j % 3 ? 1e-40f * (float)(rng() % 5) : -1e-45f;        /* subnormal amax: 127/amax = inf */
+    case 6: return (unit() - 0.5f) * 1e30f;                              /* large */
+    default: return (j & 1 ? -1.0f : 1.0f) * (126.5f + unit());          /* round to 127 / clamp region */
+    }
+}
+
+static void test_case(int32_t K, int32_t bs, int32_t n_tok) {
+    const int32_t nb = (K + bs - 1) / bs;
+    float *x = malloc((size_t)n_tok * K * sizeof(float));
+    for (int32_t t = 0; t < n_tok; t++)
+        for (int32_t b = 0; b < nb; b++) {
+            const int kind = (int)(rng() % 8);
+            for (int32_t j = b * bs; j < K && j < (b + 1) * bs; j++) x[(size_t)t * K + j] = value(kind, j - b * bs);
+        }
+    const size_t n = pbs2p_sb_act_bytes(n_tok, K, bs);
+    void *m_ref = aligned_alloc(64, (n + 63) & ~(size_t)63), *m_k = aligned_alloc(64, (n + 63) & ~(size_t)63);
+    pbs2p_sb_act a_ref, a_k;
+    pbs2p_sb_act_init(&a_ref, m_ref, n_tok, K, bs);
+    const int32_t t0 = n_tok > 1 ? 1 : 0, t1 = n_tok;
+    memset(m_ref, 0x5a, n);
+    pbs2p_sb_quantize_ref(&a_ref, x, K, t0, t1);
+    for (int k = 0; pbs2p_kernel_names[k] != NULL; k++) {
+        const pbs2p_kernels *kern = pbs2p_kernels_find(pbs2p_kernel_names[k]);
+        if (kern == NULL) continue;
+        memset(m_k, 0x5a, n);
+        pbs2p_sb_act_init(&a_k, m_k, n_tok, K, bs);
+        pbs2p_sb_quantizer(kern)(&a_k, x, K, t0, t1);
+        CHECK(memcmp(m_ref, m_k, n) == 0, "%s quantizer K=%d bs=%d tokens [%d,%d)", kern->name, K, bs, t0, t1);
+    }
+    free(m_ref);
+    free(m_k);
+    free(x);
+}
+
+int main(void) {
+    const int32_t Ks[] = {32, 64, 96, 128, 200, 576, 1536, 2048, 4096 + 32};
+    const int32_t bss[] = {64, 128, 256};
+    for (int rep = 0; rep < 4; rep++)
+        for (size_t i = 0; i < sizeof Ks / sizeof Ks[0]; i++)
+            for (size_t j = 0; j < sizeof bss / sizeof bss[0]; j++) test_case(Ks[i], bss[j], 1 + rep);
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}
