@@ -154,10 +154,110 @@ def _infer_k(prefix: str, meta: dict[str, Any], w: int, nb: int, bs: int) -> int
     return int(k)
 
 
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def check_layout(path: str) -> None:
+    """Walk the GGUF header with bounds checks before gguf.GGUFReader sees the file: GGUFReader reports a
+    truncated or corrupt file as an IndexError or a numpy reshape error deep inside it, or accepts overlapping
+    tensors. Raises ValueError naming the offending field and offset (the C loader's checks, in short)."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read()
+    size, pos = len(data), 0
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal pos
+        if n > size - pos:
+            raise ValueError(f"truncated: {what} at offset {pos} needs {n} bytes, {size - pos} left "
+                             f"(file of {size} bytes)")
+        pos += n
+        return data[pos - n:pos]
+
+    def u32(what: str) -> int:
+        return struct.unpack("<I", take(4, what))[0]
+
+    def u64(what: str) -> int:
+        return struct.unpack("<Q", take(8, what))[0]
+
+    def string(what: str) -> bytes:
+        return take(u64(what + " length"), what)
+
+    if take(4, "magic") != b"GGUF":
+        raise ValueError("bad magic (not a GGUF file)")
+    version = u32("version")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+    n_tensors, n_kv = u64("tensor count"), u64("kv count")
+    if n_kv > (size - pos) // 14 or n_tensors > (size - pos) // 33:
+        raise ValueError(f"counts (n_kv {n_kv}, n_tensors {n_tensors}) cannot fit in a file of {size} bytes")
+    align = 32
+    for i in range(n_kv):
+        key = string(f"key of kv {i}").decode("utf-8", "replace")
+        t = u32(f"type of '{key}'")
+        n, et = 1, t
+        if t == 9:
+            et, n = u32(f"array type of '{key}'"), u64(f"array length of '{key}'")
+        if et == 8:
+            if n > (size - pos) // 8:
+                raise ValueError(f"'{key}': {n} strings cannot fit in the {size - pos} bytes left at offset {pos}")
+            for j in range(n):
+                string(f"string {j} of '{key}'")
+        elif et in _SCALAR_BYTES:
+            raw = take(n * _SCALAR_BYTES[et], f"value of '{key}'")
+            if key == "general.alignment" and t == 4:
+                align = struct.unpack("<I", raw)[0]
+        else:
+            raise ValueError(f"'{key}': unknown value type {et}")
+    if align == 0 or align & (align - 1):
+        raise ValueError(f"general.alignment {align} is not a power of two")
+    infos = []
+    for i in range(n_tensors):
+        name = string(f"name of tensor {i}").decode("utf-8", "replace")
+        nd = u32(f"n_dims of '{name}'")
+        if not 1 <= nd <= 4:
+            raise ValueError(f"tensor '{name}': n_dims {nd} not in [1, 4]")
+        ne = [u64(f"ne of '{name}'") for _ in range(nd)]
+        ttype, off = u32(f"type of '{name}'"), u64(f"offset of '{name}'")
+        if any(x < 1 for x in ne):
+            raise ValueError(f"tensor '{name}': dimension {ne} < 1")
+        sizes = _block_sizes(ttype)
+        if sizes is None:
+            raise ValueError(f"tensor '{name}': unknown ggml type {ttype}")
+        bs, ts = sizes
+        if ne[0] % bs:
+            raise ValueError(f"tensor '{name}': ne[0] = {ne[0]} is not a multiple of the block size {bs}")
+        nbytes = int(np.prod(ne, dtype=object)) // bs * ts
+        if off % align:
+            raise ValueError(f"tensor '{name}': data offset {off} is not a multiple of the alignment {align}")
+        infos.append((off, nbytes, name))
+    start = (pos + align - 1) // align * align
+    end_prev, prev = 0, None
+    for off, nbytes, name in sorted(infos):
+        if start + off + nbytes > size:
+            raise ValueError(f"tensor '{name}': data [{start + off}, {start + off + nbytes}) exceeds the file size "
+                             f"{size}")
+        if off < end_prev:
+            raise ValueError(f"tensors '{prev}' and '{name}' overlap")
+        end_prev, prev = off + nbytes, name
+
+
+def _block_sizes(ttype: int) -> tuple[int, int] | None:
+    """(values, bytes) per block of a ggml type id; None when unknown."""
+    import gguf
+
+    try:
+        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+    except (ValueError, KeyError):
+        return None
+
+
 def dump(path: str, out: TextIO = sys.stdout, all_values: bool = False) -> None:
     import gguf
 
     size = os.path.getsize(path)
+    check_layout(path)
     reader = gguf.GGUFReader(path)
     meta = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     p = lambda *a: print(*a, file=out)  # noqa: E731
