@@ -4,6 +4,7 @@
 #     and — as root on Debian/Ubuntu — the ARM cross compilers, qemu and clang),
 #   - builds the C runtime natively and runs ctest, again with ASan+UBSan,
 #   - cross-builds for aarch64 and armv7 (NEON) and runs ctest under qemu,
+#   - replays the fuzz corpus and fuzzes for a minute (tools/fuzz.sh; skipped without clang/libFuzzer),
 #   - runs pytest.
 # PBS2P_SKIP_ARM=1 / PBS2P_SKIP_ASAN=1 skip those builds (for quick local runs).
 set -euo pipefail
@@ -55,6 +56,10 @@ if [ "${PBS2P_SKIP_ARM:-0}" != 1 ]; then
     fi
   done
 fi
+
+step "fuzz: corpus replay + bounded libFuzzer run (tools/fuzz.sh)"
+# skips itself with a message when clang/libFuzzer is missing; PBS2P_FUZZ_SECONDS=0 replays the corpus only
+tools/fuzz.sh "${PBS2P_FUZZ_SECONDS:-60}"
 
 step "pytest"
 export PBS2P_BUILD_DIR="$ROOT/build/native"
