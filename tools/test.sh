@@ -26,6 +26,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf)
   command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
   command -v cmake >/dev/null || need+=(cmake)
+  command -v clang >/dev/null || need+=(clang)        # libFuzzer targets (tools/fuzz.sh)
+  command -v valgrind >/dev/null || need+=(valgrind)  # leak check in tests/test_hostile.py
   if [ ${#need[@]} -gt 0 ]; then
     step "apt-get install ${need[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
