@@ -1,7 +1,13 @@
 /* Fixed pthread pool: workers are created once and run one task per pbs2p_pool_run "generation".
- * A run bumps `gen` under the mutex and broadcasts; each worker spins briefly on `gen` (a layer's matmuls
- * follow each other within microseconds during decode) and then blocks on `wake`, so an idle pool costs no
- * CPU. Completion is counted down in `pending`; the last worker signals `done`. */
+ * Fast path without locks: the caller stores fn/arg, then bumps `gen` (seq_cst); a worker spinning on `gen`
+ * reads fn/arg after seeing the new value, and the last worker to finish brings `pending` to 0, which the
+ * caller spins on. Decode runs ~8 pool runs per layer (~250 per token on SmolLM2, tasks of 10–100 µs), so a
+ * hand-off must cost well under a microsecond: the mutex, condition variables and their futex calls are only
+ * touched by a side that is about to sleep (bounded spin, so an idle pool costs no CPU).
+ * Sleeping uses the Dekker pattern on seq_cst atomics: a worker announces itself in `n_sleeping` and re-checks
+ * `gen` under the mutex; the caller bumps `gen` and then reads `n_sleeping`, so either the worker sees the new
+ * generation or the caller sees the sleeper and broadcasts under the mutex. `main_waiting` / `pending` pair
+ * the same way for the completion signal. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -23,13 +29,15 @@ struct pbs2p_pool {
     pthread_t *threads;       /* [n_threads - 1] */
     pool_worker *workers;     /* [n_threads - 1], ith 1.. */
     pthread_mutex_t mu;
-    pthread_cond_t wake;      /* workers wait here for a new generation or stop */
-    pthread_cond_t done;      /* the caller waits here for pending == 0 */
-    pbs2p_task_fn fn;         /* written under mu before gen is bumped */
-    void *arg;
-    atomic_uint_fast64_t gen; /* generation of the current task; bumped under mu */
+    pthread_cond_t wake;      /* sleeping workers wait here for a new generation or stop */
+    pthread_cond_t done;      /* a sleeping caller waits here for pending == 0 */
+    _Atomic(pbs2p_task_fn) fn; /* stored before gen is bumped */
+    _Atomic(void *) arg;
+    atomic_uint_fast64_t gen; /* generation of the current task */
     atomic_int pending;       /* workers still running the current generation */
-    int stop;                 /* under mu */
+    atomic_int n_sleeping;    /* workers inside the mutex-protected wait (or about to enter it) */
+    atomic_int main_waiting;  /* the caller sleeps on `done` */
+    atomic_int stop;
 };
 
 static inline void cpu_relax(void) {
@@ -45,23 +53,27 @@ static void *worker_main(void *p) {
     struct pbs2p_pool *pool = wk->pool;
     uint_fast64_t seen = 0;
     for (;;) {
-        for (int i = 0; i < POOL_SPIN && atomic_load_explicit(&pool->gen, memory_order_acquire) == seen; i++)
+        uint_fast64_t g = atomic_load(&pool->gen);
+        for (int i = 0; i < POOL_SPIN && g == seen && !atomic_load_explicit(&pool->stop, memory_order_relaxed); i++) {
             cpu_relax();
-        pthread_mutex_lock(&pool->mu);
-        while (atomic_load_explicit(&pool->gen, memory_order_relaxed) == seen && !pool->stop)
-            pthread_cond_wait(&pool->wake, &pool->mu);
-        if (pool->stop) {
-            pthread_mutex_unlock(&pool->mu);
-            return NULL;
+            g = atomic_load(&pool->gen);
         }
-        seen = atomic_load_explicit(&pool->gen, memory_order_relaxed);
-        pbs2p_task_fn fn = pool->fn;
-        void *arg = pool->arg;
-        pthread_mutex_unlock(&pool->mu);
+        if (g == seen) {
+            pthread_mutex_lock(&pool->mu);
+            atomic_fetch_add(&pool->n_sleeping, 1);
+            while ((g = atomic_load(&pool->gen)) == seen && !atomic_load(&pool->stop))
+                pthread_cond_wait(&pool->wake, &pool->mu);
+            atomic_fetch_sub(&pool->n_sleeping, 1);
+            pthread_mutex_unlock(&pool->mu);
+        }
+        if (atomic_load(&pool->stop)) return NULL;
+        seen = g;
+        pbs2p_task_fn fn = atomic_load_explicit(&pool->fn, memory_order_relaxed);
+        void *arg = atomic_load_explicit(&pool->arg, memory_order_relaxed);
 
         fn(arg, wk->ith, pool->n_threads);
 
-        if (atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_acq_rel) == 1) {
+        if (atomic_fetch_sub(&pool->pending, 1) == 1 && atomic_load(&pool->main_waiting)) {
             /* Taking the mutex orders this signal after the caller's check-then-wait (no lost wakeup). */
             pthread_mutex_lock(&pool->mu);
             pthread_cond_signal(&pool->done);
@@ -72,7 +84,7 @@ static void *worker_main(void *p) {
 
 static void pool_stop_and_join(struct pbs2p_pool *pool) {
     pthread_mutex_lock(&pool->mu);
-    pool->stop = 1;
+    atomic_store(&pool->stop, 1);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mu);
     for (int32_t i = 0; i < pool->n_started; i++) pthread_join(pool->threads[i], NULL);
@@ -98,6 +110,11 @@ pbs2p_status pbs2p_pool_create(int32_t n_threads, pbs2p_pool **out) {
     pool->n_threads = n_threads;
     atomic_init(&pool->gen, 0);
     atomic_init(&pool->pending, 0);
+    atomic_init(&pool->n_sleeping, 0);
+    atomic_init(&pool->main_waiting, 0);
+    atomic_init(&pool->stop, 0);
+    atomic_init(&pool->fn, NULL);
+    atomic_init(&pool->arg, NULL);
     if (pthread_mutex_init(&pool->mu, NULL) != 0) {
         free(pool);
         return PBS2P_FAIL(PBS2P_ERR_NOMEM, "pthread_mutex_init failed");
@@ -150,13 +167,15 @@ void pbs2p_pool_run(pbs2p_pool *pool, pbs2p_task_fn fn, void *arg) {
         fn(arg, 0, 1);
         return;
     }
-    pthread_mutex_lock(&pool->mu);
-    pool->fn = fn;
-    pool->arg = arg;
+    atomic_store_explicit(&pool->fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&pool->arg, arg, memory_order_relaxed);
     atomic_store_explicit(&pool->pending, pool->n_threads - 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&pool->gen, 1, memory_order_release);
-    pthread_cond_broadcast(&pool->wake);
-    pthread_mutex_unlock(&pool->mu);
+    atomic_fetch_add(&pool->gen, 1); /* seq_cst: publishes fn/arg/pending, then n_sleeping is read */
+    if (atomic_load(&pool->n_sleeping) > 0) {
+        pthread_mutex_lock(&pool->mu);
+        pthread_cond_broadcast(&pool->wake);
+        pthread_mutex_unlock(&pool->mu);
+    }
 
     fn(arg, 0, pool->n_threads);
 
@@ -164,8 +183,9 @@ void pbs2p_pool_run(pbs2p_pool *pool, pbs2p_task_fn fn, void *arg) {
         cpu_relax();
     if (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) {
         pthread_mutex_lock(&pool->mu);
-        while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0)
-            pthread_cond_wait(&pool->done, &pool->mu);
+        atomic_store(&pool->main_waiting, 1);
+        while (atomic_load(&pool->pending) > 0) pthread_cond_wait(&pool->done, &pool->mu);
+        atomic_store(&pool->main_waiting, 0);
         pthread_mutex_unlock(&pool->mu);
     }
 }
