@@ -51,46 +51,60 @@ static void sb_sums_drive(sb_tile_fn tile, const pbs2p_sb_weight *w, const pbs2p
         }
 }
 
-/* The row combination (docs/format.md order), pbs2p_sb_combine_row's contract: rows [T][nb] pos / neg sums. */
-typedef float (*sb_combine_fn)(const pbs2p_sb_weight *w, int32_t row, const int32_t *spos, const int32_t *sneg,
-                               const float *xs);
+/* ------------------------------------------------------- SIMD row combination ----------------------------
+ * pbs2p_sb_combine_row in two vector passes, bit-identical to it:
+ *   contrib: per row, lanes = blocks: c_b = s_b·(0 + α_0·d_0 (+ α_t·d_t ...) + μ·k), exactly the scalar float
+ *            steps per lane, f16 -> f32 by F16C (exact);
+ *   sum:     per group of G rows, lanes = rows: acc = 0, then acc += c_b for b ascending (a gather of column b
+ *            of the group's contributions), the scalar order of every row.
+ * Row by row, the scalar combination's ~10 software f16 conversions per block and its chain of nb dependent
+ * adds (with lane extracts on the port the popcounts need) cost as much as the popcount kernel itself. */
+typedef void (*sb_contrib_fn)(const pbs2p_sb_weight *w, int32_t row, const int32_t *spos, const int32_t *sneg,
+                              const float *xs, float *c);
+/* y[i] = Σ_b c[i·ldc + b] in b order for the g <= G rows i of a group. */
+typedef void (*sb_rowsum_fn)(const float *c, int32_t ldc, int32_t nb, int32_t g, float *y);
 
-INLINE void sb_gemm_drive(sb_tile_fn tile, sb_combine_fn combine, const pbs2p_sb_weight *w, const pbs2p_sb_act *act,
-                          float *y, int64_t ldy, int32_t r0, int32_t r1) {
-    const int32_t TB = w->n_terms * w->n_blocks, nb = w->n_blocks;
+enum { SB_GROUP_MAX = 16, SB_MAX_NB = 64 }; /* contributions buffered for nb <= 64 (K <= 8192 at bs = 128) */
+
+INLINE void sb_gemm_drive(sb_tile_fn tile, sb_contrib_fn contrib, sb_rowsum_fn rowsum, const int32_t G,
+                          const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
+                          int32_t r1) {
+    const int32_t TB = w->n_terms * w->n_blocks, nb = w->n_blocks, ldc = (nb + 15) & ~15;
     const int32_t ntile = tile_tokens(w);
-    int32_t buf[SB_BUF];
-    if ((size_t)2 * TB > SB_BUF) { /* beyond the load-time limits; keep exact results anyway */
+    int32_t buf[SB_BUF + 16]; /* + 16: contrib's vector loads of sums may run past the last block */
+    float c[SB_TILE * SB_GROUP_MAX * SB_MAX_NB];
+    if ((size_t)2 * TB > SB_BUF || nb > SB_MAX_NB) { /* beyond the buffers; keep exact results anyway */
         pbs2p_sb_gemm_ref(w, act, y, ldy, r0, r1);
         return;
     }
-    for (int32_t r = r0; r < r1; r++)
+    for (int32_t rg = r0; rg < r1; rg += G) {
+        const int32_t g = r1 - rg < G ? r1 - rg : G;
         for (int32_t t0 = 0; t0 < act->n_tok; t0 += ntile) {
-            int32_t nt = act->n_tok - t0 < ntile ? act->n_tok - t0 : ntile;
-            tile(w, act, r, t0, nt, buf, (size_t)2 * TB);
-            for (int32_t tt = 0; tt < nt; tt++) {
-                const int32_t *s = buf + (size_t)tt * 2 * TB;
-                y[(int64_t)(t0 + tt) * ldy + r] = combine(w, r, s, s + TB, act->scale + (size_t)(t0 + tt) * nb);
+            const int32_t nt = act->n_tok - t0 < ntile ? act->n_tok - t0 : ntile;
+            for (int32_t i = 0; i < g; i++) {
+                tile(w, act, rg + i, t0, nt, buf, (size_t)2 * TB);
+                for (int32_t tt = 0; tt < nt; tt++) {
+                    const int32_t *sums = buf + (size_t)tt * 2 * TB;
+                    contrib(w, rg + i, sums, sums + TB, act->scale + (size_t)(t0 + tt) * nb,
+                            c + ((size_t)tt * G + i) * ldc);
+                }
             }
+            for (int32_t tt = 0; tt < nt; tt++)
+                rowsum(c + (size_t)tt * G * ldc, ldc, nb, g, y + (int64_t)(t0 + tt) * ldy + rg);
         }
+    }
 }
-
-/* ------------------------------------------------------- SIMD row combination ----------------------------
- * pbs2p_sb_combine_row with the per-block work in vector lanes (lane = block): every lane does exactly the
- * scalar float steps (s = 0 + α_0·d_0 (+ α_t·d_t ...) + μ·k, c = s_b·s), f16 -> f32 by F16C (exact), then the
- * contributions are added to acc one by one in block order, so the result is bit-identical. This replaces
- * ~10 software f16 conversions and ~30 scalar ops per block, which cost as much as the popcounts at bs = 128. */
 
 /* n <= LANES f16 values at p, zero padded (no read past p[n-1]). */
 #define LOAD_F16(p, n, LANES, tmp) \
     ((n) == (LANES) ? (const uint16_t *)(p) : (memset(tmp, 0, sizeof tmp), memcpy(tmp, p, (size_t)(n) * 2), tmp))
 
-TARGET_AVX2 static float combine_avx2(const pbs2p_sb_weight *w, int32_t row, const int32_t *sp, const int32_t *sn,
-                                      const float *xs) {
+/* Writes c[0 .. round_up(nb, 8)); lanes past nb hold garbage that rowsum never reads. */
+TARGET_AVX2 static void contrib_avx2(const pbs2p_sb_weight *w, int32_t row, const int32_t *sp, const int32_t *sn,
+                                     const float *xs, float *c) {
     const int32_t T = w->n_terms, nb = w->n_blocks;
     const uint16_t *alpha = w->alpha + (size_t)row * T * nb, *mu = w->mu + (size_t)row * nb;
     static const int32_t lane_mask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-    float acc = 0.0f;
     for (int32_t b0 = 0; b0 < nb; b0 += 8) {
         const int32_t n = nb - b0 < 8 ? nb - b0 : 8;
         const __m256i m = _mm256_loadu_si256((const __m256i *)(lane_mask + 8 - n));
@@ -98,25 +112,33 @@ TARGET_AVX2 static float combine_avx2(const pbs2p_sb_weight *w, int32_t row, con
         __m256 s = _mm256_setzero_ps();
         for (int32_t t = 0; t < T; t++) {
             const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)LOAD_F16(alpha + (size_t)t * nb + b0, n, 8, tmp)));
-            const __m256i d = _mm256_sub_epi32(_mm256_maskload_epi32(sp + t * nb + b0, m),
-                                               _mm256_maskload_epi32(sn + t * nb + b0, m));
+            const __m256i d = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(sp + t * nb + b0)),
+                                               _mm256_loadu_si256((const __m256i *)(sn + t * nb + b0)));
             s = _mm256_add_ps(s, _mm256_mul_ps(a, _mm256_cvtepi32_ps(d)));
         }
         const __m256 vm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)LOAD_F16(mu + b0, n, 8, tmp)));
-        const __m256i k = _mm256_add_epi32(_mm256_maskload_epi32(sp + b0, m), _mm256_maskload_epi32(sn + b0, m));
+        const __m256i k = _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(sp + b0)),
+                                           _mm256_loadu_si256((const __m256i *)(sn + b0)));
         s = _mm256_add_ps(s, _mm256_mul_ps(vm, _mm256_cvtepi32_ps(k)));
-        float c[8];
-        _mm256_storeu_ps(c, _mm256_mul_ps(_mm256_maskload_ps(xs + b0, m), s));
-        for (int32_t j = 0; j < n; j++) acc = acc + c[j];
+        _mm256_storeu_ps(c + b0, _mm256_mul_ps(_mm256_maskload_ps(xs + b0, m), s));
     }
-    return acc;
 }
 
-TARGET_AVX512 static float combine_avx512(const pbs2p_sb_weight *w, int32_t row, const int32_t *sp,
-                                          const int32_t *sn, const float *xs) {
+TARGET_AVX2 static void rowsum_avx2(const float *c, int32_t ldc, int32_t nb, int32_t g, float *y) {
+    static const int32_t lane_mask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    const __m256i m = _mm256_loadu_si256((const __m256i *)(lane_mask + 8 - g));
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(ldc));
+    __m256 acc = _mm256_setzero_ps();
+    for (int32_t b = 0; b < nb; b++)
+        acc = _mm256_add_ps(acc, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), c + b, idx, _mm256_castsi256_ps(m), 4));
+    _mm256_maskstore_ps(y, m, acc);
+}
+
+/* Writes c[0 .. round_up(nb, 16)). */
+TARGET_AVX512 static void contrib_avx512(const pbs2p_sb_weight *w, int32_t row, const int32_t *sp,
+                                         const int32_t *sn, const float *xs, float *c) {
     const int32_t T = w->n_terms, nb = w->n_blocks;
     const uint16_t *alpha = w->alpha + (size_t)row * T * nb, *mu = w->mu + (size_t)row * nb;
-    float acc = 0.0f;
     for (int32_t b0 = 0; b0 < nb; b0 += 16) {
         const int32_t n = nb - b0 < 16 ? nb - b0 : 16;
         const __mmask16 m = (__mmask16)((1u << n) - 1u);
@@ -124,18 +146,26 @@ TARGET_AVX512 static float combine_avx512(const pbs2p_sb_weight *w, int32_t row,
         __m512 s = _mm512_setzero_ps();
         for (int32_t t = 0; t < T; t++) {
             const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)LOAD_F16(alpha + (size_t)t * nb + b0, n, 16, tmp)));
-            const __m512i d = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, sp + t * nb + b0),
-                                               _mm512_maskz_loadu_epi32(m, sn + t * nb + b0));
+            const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512((const void *)(sp + t * nb + b0)),
+                                               _mm512_loadu_si512((const void *)(sn + t * nb + b0)));
             s = _mm512_add_ps(s, _mm512_mul_ps(a, _mm512_cvtepi32_ps(d)));
         }
         const __m512 vm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)LOAD_F16(mu + b0, n, 16, tmp)));
-        const __m512i k = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, sp + b0), _mm512_maskz_loadu_epi32(m, sn + b0));
+        const __m512i k = _mm512_add_epi32(_mm512_loadu_si512((const void *)(sp + b0)),
+                                           _mm512_loadu_si512((const void *)(sn + b0)));
         s = _mm512_add_ps(s, _mm512_mul_ps(vm, _mm512_cvtepi32_ps(k)));
-        float c[16];
-        _mm512_storeu_ps(c, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs + b0), s));
-        for (int32_t j = 0; j < n; j++) acc = acc + c[j];
+        _mm512_storeu_ps(c + b0, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs + b0), s));
     }
-    return acc;
+}
+
+TARGET_AVX512 static void rowsum_avx512(const float *c, int32_t ldc, int32_t nb, int32_t g, float *y) {
+    const __mmask16 m = (__mmask16)((1u << g) - 1u);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(ldc));
+    __m512 acc = _mm512_setzero_ps();
+    for (int32_t b = 0; b < nb; b++)
+        acc = _mm512_add_ps(acc, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, c + b, 4));
+    _mm512_mask_storeu_ps(y, m, acc);
 }
 
 /* ------------------------------------------------------ SIMD activation quantizer ------------------------
@@ -278,7 +308,7 @@ static void sb_sums_avx2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int3
 
 static void sb_gemm_avx2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
                          int32_t r1) {
-    sb_gemm_drive(avx2_tile, combine_avx2, w, act, y, ldy, r0, r1);
+    sb_gemm_drive(avx2_tile, contrib_avx2, rowsum_avx2, 8, w, act, y, ldy, r0, r1);
 }
 
 /* 8 vectors of 8 int32 -> one vector of their 8 sums (v[0]'s sum in lane 0). */
@@ -399,7 +429,7 @@ static void sb_sums_avx512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, in
 
 static void sb_gemm_avx512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
                            int32_t r1) {
-    sb_gemm_drive(avx512_tile, combine_avx512, w, act, y, ldy, r0, r1);
+    sb_gemm_drive(avx512_tile, contrib_avx512, rowsum_avx512, 16, w, act, y, ldy, r0, r1);
 }
 
 /* VPDPBUSD: Σ |w|·sign(x, w) over groups of 4 straight into int32 lanes (one instruction per block). */
@@ -553,7 +583,7 @@ static void sb_sums_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, in
 
 static void sb_gemm_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
                            int32_t r1) {
-    sb_gemm_drive(pop512_tile, combine_avx512, w, act, y, ldy, r0, r1);
+    sb_gemm_drive(pop512_tile, contrib_avx512, rowsum_avx512, 16, w, act, y, ldy, r0, r1);
 }
 
 const pbs2p_kernels pbs2p_kernels_avx512 = {"avx512", sb_gemm_pop512, sb_sums_pop512, q8_gemm_avx2};
@@ -663,7 +693,7 @@ static void sb_sums_pop2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int3
 
 static void sb_gemm_pop2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
                          int32_t r1) {
-    sb_gemm_drive(pop2_tile, combine_avx2, w, act, y, ldy, r0, r1);
+    sb_gemm_drive(pop2_tile, contrib_avx2, rowsum_avx2, 8, w, act, y, ldy, r0, r1);
 }
 
 const pbs2p_kernels pbs2p_kernels_avx2 = {"avx2", sb_gemm_pop2, sb_sums_pop2, q8_gemm_avx2};
