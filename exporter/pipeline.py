@@ -85,6 +85,8 @@ class ExportConfig:
             raise ExportError(f"--score {self.score!r}: choose obs or magnitude")
         if self.steps is not None and self.steps < 0:
             raise ExportError(f"--steps {self.steps}: must be >= 0 (0: static mask, 1: one-shot) or auto")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ExportError(f"--device {self.device!r}: use cpu or cuda")
         if self.nsamples <= 0 or self.seqlen <= 1:
             raise ExportError(f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: need >= 1 and >= 2")
 
