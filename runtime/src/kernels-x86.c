@@ -19,6 +19,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 
 #include <immintrin.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
@@ -586,8 +587,169 @@ static void sb_gemm_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, fl
     sb_gemm_drive(pop512_tile, contrib_avx512, rowsum_avx512, 16, w, act, y, ldy, r0, r1);
 }
 
+/* ------------------------------------------------ AVX-512 VNNI prefill GEMM (n_tok >= 8) ----------------
+ * For a batch of tokens the popcount form does its ~6 uops per 64 weights for every token. Here the tokens go in
+ * the 16 dword lanes instead: activations are transposed once per call to xt[c4][lane] = the 4 bytes
+ * u[4·c4 .. 4·c4+3] (u = q ^ 0x80 = q + 128, unsigned) of token lane, and each weight row is expanded once per
+ * group of 16 tokens to 0/1 bytes (wp = pos bits, wn = neg bits). VPDPBUSD(acc, xt[c4], bcast4(w[4·c4..]))
+ * then adds Σ_{c<4} u·w for 16 tokens at once: 2 VPDPBUSD per 4 columns × 16 tokens (pos, neg), no horizontal
+ * reduction, and per block S = Σ_P u − 128·popcount(P) (exact: |S| <= 255·bs). The combination is done in the
+ * same lanes (lane = token), each lane with exactly the scalar float steps of pbs2p_sb_combine_row in block
+ * order, so y is bit-identical. */
+
+enum { VNNI_MIN_TOK = 8 };
+
+typedef struct vnni_buf {
+    uint8_t *mem;
+    uint32_t *xt;  /* [W·16][16] */
+    float *xsT;    /* [nb][16] */
+    int8_t *wexp;  /* [T][2][W·64] */
+} vnni_buf;
+
+static int vnni_alloc(vnni_buf *b, const pbs2p_sb_weight *w) {
+    const size_t W = (size_t)w->n_words, nb = (size_t)w->n_blocks, T = (size_t)w->n_terms;
+    const size_t n_xt = W * 16 * 16 * 4, n_xs = nb * 16 * 4, n_w = T * 2 * W * 64;
+    b->mem = aligned_alloc(64, n_xt + ((n_xs + 63) & ~(size_t)63) + n_w);
+    if (b->mem == NULL) return 0;
+    b->xt = (uint32_t *)b->mem;
+    b->xsT = (float *)(b->mem + n_xt);
+    b->wexp = (int8_t *)(b->mem + n_xt + ((n_xs + 63) & ~(size_t)63));
+    return 1;
+}
+
+/* Tokens [g0, g0 + nt) into the lanes (lanes >= nt: u = 0; their results are never stored). */
+static void vnni_transpose(const pbs2p_sb_act *act, vnni_buf *b, int32_t g0, int32_t nt) {
+    const int32_t W = act->n_words, nb = act->n_blocks;
+    memset(b->xt, 0, (size_t)W * 16 * 16 * 4);
+    memset(b->xsT, 0, (size_t)nb * 16 * 4);
+    for (int32_t l = 0; l < nt; l++) {
+        const int8_t *q = act->q + (size_t)(g0 + l) * W * 64;
+        for (int32_t c4 = 0; c4 < W * 16; c4++) {
+            uint32_t v;
+            memcpy(&v, q + 4 * c4, 4);
+            b->xt[(size_t)c4 * 16 + l] = v ^ 0x80808080u;
+        }
+        for (int32_t bl = 0; bl < nb; bl++) b->xsT[(size_t)bl * 16 + l] = act->scale[(size_t)(g0 + l) * nb + bl];
+    }
+}
+
+TARGET_AVX512VNNI INLINE void vnni_expand_row(const pbs2p_sb_weight *w, int32_t row, int8_t *wexp) {
+    const int32_t T = w->n_terms, W = w->n_words;
+    const __m512i one = _mm512_set1_epi8(1);
+    const uint64_t *pl = w->planes + (size_t)row * T * 2 * W;
+    for (int32_t i = 0; i < T * 2 * W; i++) _mm512_storeu_si512((void *)(wexp + (size_t)i * 64), _mm512_maskz_mov_epi8(pl[i], one));
+}
+
+/* Pos and neg sums of term t, block b, 16 token lanes. */
+TARGET_AVX512VNNI INLINE void vnni_block(const pbs2p_sb_weight *w, int32_t row, int32_t t, int32_t b, const vnni_buf *bf,
+                                         __m512i *sp, __m512i *sn) {
+    const int32_t W = w->n_words, bw = w->block_words, T = w->n_terms;
+    const int32_t i0 = b * bw, i1 = (b + 1) * bw < W ? (b + 1) * bw : W;
+    const uint64_t *pos = w->planes + ((size_t)row * T + t) * 2 * W, *neg = pos + W;
+    const int8_t *wp = bf->wexp + (size_t)t * 2 * W * 64, *wn = wp + (size_t)W * 64;
+    __m512i ap0 = _mm512_setzero_si512(), an0 = _mm512_setzero_si512();
+    __m512i ap1 = _mm512_setzero_si512(), an1 = _mm512_setzero_si512();
+    int32_t pc = 0, nc = 0;
+    for (int32_t i = i0; i < i1; i++) {
+        pc += (int32_t)_mm_popcnt_u64(pos[i]);
+        nc += (int32_t)_mm_popcnt_u64(neg[i]);
+        const uint32_t *x = bf->xt + (size_t)i * 16 * 16;
+        const int32_t *p4 = (const int32_t *)(const void *)(wp + (size_t)i * 64);
+        const int32_t *n4 = (const int32_t *)(const void *)(wn + (size_t)i * 64);
+        #pragma GCC unroll 8
+        for (int c = 0; c < 16; c += 2) {
+            const __m512i x0 = _mm512_load_si512((const void *)(x + c * 16));
+            const __m512i x1 = _mm512_load_si512((const void *)(x + (c + 1) * 16));
+            ap0 = _mm512_dpbusd_epi32(ap0, x0, _mm512_set1_epi32(p4[c]));
+            an0 = _mm512_dpbusd_epi32(an0, x0, _mm512_set1_epi32(n4[c]));
+            ap1 = _mm512_dpbusd_epi32(ap1, x1, _mm512_set1_epi32(p4[c + 1]));
+            an1 = _mm512_dpbusd_epi32(an1, x1, _mm512_set1_epi32(n4[c + 1]));
+        }
+    }
+    *sp = _mm512_sub_epi32(_mm512_add_epi32(ap0, ap1), _mm512_set1_epi32(128 * pc));
+    *sn = _mm512_sub_epi32(_mm512_add_epi32(an0, an1), _mm512_set1_epi32(128 * nc));
+}
+
+TARGET_AVX512VNNI static void vnni_gemm(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy,
+                                        int32_t r0, int32_t r1, vnni_buf *bf) {
+    const int32_t T = w->n_terms, nb = w->n_blocks;
+    for (int32_t g0 = 0; g0 < act->n_tok; g0 += 16) {
+        const int32_t nt = act->n_tok - g0 < 16 ? act->n_tok - g0 : 16;
+        const __mmask16 m = (__mmask16)((1u << nt) - 1u);
+        const __m512i sidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32((int32_t)ldy));
+        vnni_transpose(act, bf, g0, nt);
+        for (int32_t r = r0; r < r1; r++) {
+            vnni_expand_row(w, r, bf->wexp);
+            const uint16_t *alpha = w->alpha + (size_t)r * T * nb, *mu = w->mu + (size_t)r * nb;
+            __m512 acc = _mm512_setzero_ps();
+            for (int32_t b = 0; b < nb; b++) {
+                __m512 s = _mm512_setzero_ps();
+                __m512i k = _mm512_setzero_si512();
+                for (int32_t t = 0; t < T; t++) {
+                    __m512i sp, sn;
+                    vnni_block(w, r, t, b, bf, &sp, &sn);
+                    const __m512 a = _mm512_set1_ps(_cvtsh_ss(alpha[(size_t)t * nb + b]));
+                    s = _mm512_add_ps(s, _mm512_mul_ps(a, _mm512_cvtepi32_ps(_mm512_sub_epi32(sp, sn))));
+                    if (t == 0) k = _mm512_add_epi32(sp, sn);
+                }
+                s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(mu[b])), _mm512_cvtepi32_ps(k)));
+                acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_load_ps(bf->xsT + (size_t)b * 16), s));
+            }
+            _mm512_mask_i32scatter_ps(y + (int64_t)g0 * ldy + r, m, sidx, acc, 4);
+        }
+    }
+}
+
+TARGET_AVX512VNNI static void vnni_sums(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums, int32_t r0,
+                                        int32_t r1, vnni_buf *bf) {
+    const int32_t T = w->n_terms, nb = w->n_blocks, TB = T * nb;
+    for (int32_t g0 = 0; g0 < act->n_tok; g0 += 16) {
+        const int32_t nt = act->n_tok - g0 < 16 ? act->n_tok - g0 : 16;
+        vnni_transpose(act, bf, g0, nt);
+        for (int32_t r = r0; r < r1; r++) {
+            vnni_expand_row(w, r, bf->wexp);
+            for (int32_t t = 0; t < T; t++)
+                for (int32_t b = 0; b < nb; b++) {
+                    __m512i sp, sn;
+                    int32_t vp[16], vn[16];
+                    vnni_block(w, r, t, b, bf, &sp, &sn);
+                    _mm512_storeu_si512((void *)vp, sp);
+                    _mm512_storeu_si512((void *)vn, sn);
+                    for (int32_t l = 0; l < nt; l++) {
+                        int32_t *o = sums + ((size_t)(g0 + l) * (r1 - r0) + (r - r0)) * 2 * TB;
+                        o[t * nb + b] = vp[l];
+                        o[TB + t * nb + b] = vn[l];
+                    }
+                }
+        }
+    }
+}
+
+static void sb_gemm_pop512_vnni(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
+                                int32_t r1) {
+    vnni_buf bf;
+    if (act->n_tok >= VNNI_MIN_TOK && r0 < r1 && vnni_alloc(&bf, w)) {
+        vnni_gemm(w, act, y, ldy, r0, r1, &bf);
+        free(bf.mem);
+        return;
+    }
+    sb_gemm_pop512(w, act, y, ldy, r0, r1);
+}
+
+static void sb_sums_pop512_vnni(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums, int32_t r0,
+                                int32_t r1) {
+    vnni_buf bf;
+    if (act->n_tok >= VNNI_MIN_TOK && r0 < r1 && vnni_alloc(&bf, w)) {
+        vnni_sums(w, act, sums, r0, r1, &bf);
+        free(bf.mem);
+        return;
+    }
+    sb_sums_pop512(w, act, sums, r0, r1);
+}
+
 const pbs2p_kernels pbs2p_kernels_avx512 = {"avx512", sb_gemm_pop512, sb_sums_pop512, q8_gemm_avx2};
-const pbs2p_kernels pbs2p_kernels_avx512vnni = {"avx512", sb_gemm_pop512, sb_sums_pop512,
+const pbs2p_kernels pbs2p_kernels_avx512vnni = {"avx512", sb_gemm_pop512_vnni, sb_sums_pop512_vnni,
                                               q8_gemm_avx512vnni};
 
 /* ------------------------------------------------------------ AVX2 popcount ----------------------------- */
