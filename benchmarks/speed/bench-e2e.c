@@ -16,6 +16,13 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* CPU seconds of the whole process (all threads): on a shared machine, wall time includes time descheduled. */
+static double cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 /* Token i of the benchmark sequence: a 32-bit LCG, also written out by llama_speed.py. */
 static int32_t bench_token(int32_t i, int32_t n_vocab) {
     uint32_t x = 2654435761u * (uint32_t)(i + 1) + 12345u;
@@ -69,21 +76,21 @@ int main(int argc, char **argv) {
     if (pbs2p_eval(ctx, toks, 8 < n_tok ? 8 : n_tok, logits, 0) != PBS2P_OK) return fail("warm-up");
     pbs2p_ctx_truncate(ctx, 0);
 
-    double t0 = now_s();
+    double t0 = now_s(), c0 = cpu_s();
     if (pbs2p_eval(ctx, toks, n_prompt, logits, 0) != PBS2P_OK) return fail("prefill");
-    const double prefill_s = now_s() - t0;
+    const double prefill_s = now_s() - t0, prefill_cpu = cpu_s() - c0;
     pbs2p_ctx_truncate(ctx, 0);
 
-    t0 = now_s();
+    t0 = now_s(), c0 = cpu_s();
     for (int32_t i = 0; i < n_gen; i++)
         if (pbs2p_eval(ctx, &toks[i], 1, logits, 0) != PBS2P_OK) return fail("decode");
-    const double decode_s = now_s() - t0;
+    const double decode_s = now_s() - t0, decode_cpu = cpu_s() - c0;
 
     printf("{\"engine\": \"pbs2p\", \"kernel\": \"%s\", \"threads\": %d, \"n_prompt\": %d, \"n_gen\": %d, "
            "\"n_batch\": %d, \"load_s\": %.3f, \"prefill_s\": %.6f, \"decode_s\": %.6f, \"prefill_tok_s\": %.3f, "
-           "\"decode_tok_s\": %.3f, \"logit0\": %.6g}\n",
+           "\"decode_tok_s\": %.3f, \"prefill_cpu_s\": %.6f, \"decode_cpu_s\": %.6f, \"logit0\": %.6g}\n",
            pbs2p_kernel_name(), n_threads, n_prompt, n_gen, n_batch, load_s, prefill_s, decode_s,
-           n_prompt / prefill_s, n_gen / decode_s, (double)logits[0]);
+           n_prompt / prefill_s, n_gen / decode_s, prefill_cpu, decode_cpu, (double)logits[0]);
     free(toks);
     free(logits);
     pbs2p_ctx_free(ctx);

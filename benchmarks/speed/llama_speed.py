@@ -4,12 +4,15 @@ of n_prompt tokens from an empty context (one llama_decode of a batch, logits of
 n_gen single-token decodes from position 0. Prints one JSON line.
 
 usage: python llama_speed.py MODEL.gguf THREADS [N_PROMPT=512] [N_GEN=128]
-LLAMA_CPP_LIB_PATH picks another build of libllama (the AVX2-only one).
+LLAMA_CPP_LIB_PATH picks another build of libllama (the AVX2-only one); LLAMA_SPEED_NO_EXTRA_BUFTS=1 turns off
+llama.cpp's weight-repacking buffers (on this VM the native build's AMX repack dies with SIGILL: the CPU
+reports AMX but the hypervisor does not enable its tile state).
 """
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 import time
 
@@ -30,6 +33,8 @@ def main() -> None:
     L.llama_backend_init()
     t0 = time.perf_counter()
     mp = L.llama_model_default_params()
+    if os.environ.get("LLAMA_SPEED_NO_EXTRA_BUFTS"):
+        mp.use_extra_bufts = False  # no weight repacking (AMX / interleaved) buffers
     model = L.llama_model_load_from_file(path.encode(), mp)
     if not model:
         raise SystemExit(f"cannot load {path}")
@@ -58,22 +63,23 @@ def main() -> None:
     L.llama_synchronize(ctx)
     L.llama_memory_clear(mem, True)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     decode(0, n_prompt)
     L.llama_synchronize(ctx)
     logit0 = L.llama_get_logits_ith(ctx, -1)[0]
-    prefill_s = time.perf_counter() - t0
+    prefill_s, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
     L.llama_memory_clear(mem, True)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n_gen):
         decode(i, 1)
         L.llama_synchronize(ctx)
         logit0 = L.llama_get_logits_ith(ctx, -1)[0]
-    decode_s = time.perf_counter() - t0
+    decode_s, decode_cpu = time.perf_counter() - t0, time.process_time() - c0
     print(json.dumps({"engine": "llama.cpp", "threads": n_threads, "n_prompt": n_prompt, "n_gen": n_gen,
                       "load_s": round(load_s, 3), "prefill_s": prefill_s, "decode_s": decode_s,
                       "prefill_tok_s": n_prompt / prefill_s, "decode_tok_s": n_gen / decode_s,
+                      "prefill_cpu_s": prefill_cpu, "decode_cpu_s": decode_cpu,
                       "logit0": float(logit0), "system_info": L.llama_print_system_info().decode()}))
     L.llama_free(ctx)
     L.llama_model_free(model)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -77,9 +78,15 @@ def smollm2(out: Path, convert: Path) -> None:
 
         g = smol_gguf()
         tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
-        model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name)
+        # a GGUF-loaded model counts as quantized and refuses save_pretrained: copy it into a plain one
+        model = AutoModelForCausalLM.from_config(loaded.config)
+        model.load_state_dict(loaded.state_dict())
         model.save_pretrained(hf)
         tok.save_pretrained(hf)
+        cfg = json.loads((hf / "config.json").read_text())
+        cfg.pop("quantization_config", None)  # {"quant_method": "gguf"}: convert_hf_to_gguf.py would refuse it
+        (hf / "config.json").write_text(json.dumps(cfg, indent=2))
     llama_chain(hf, out, "smollm2", convert)
     pb = out / "smollm2-sign68.pbs2p"
     if not pb.exists():
@@ -112,7 +119,7 @@ def len_vocab(hf: Path) -> int:
     return int(json.loads((hf / "config.json").read_text())["vocab_size"])
 
 
-def write_random_pbs2p(path: Path, n_vocab: int) -> None:
+def write_random_pbs2p(path: Path, n_vocab: int, c: dict | None = None) -> None:
     """A 6:8 sparse-binary Llama with random planes: per group of 8 columns exactly 6 kept (one of the 28
     patterns), random signs; α, μ random f16; Q8_0 embeddings (tied head); SmolLM2's tokenizer keys."""
     from pbs2p import format as fmt
@@ -120,7 +127,7 @@ def write_random_pbs2p(path: Path, n_vocab: int) -> None:
 
     rng = np.random.default_rng(0)
     patterns = np.array([b for b in range(256) if bin(b).count("1") == 6], dtype=np.uint8)  # 28
-    c = RAND1B
+    c = c or RAND1B
     E, F, L, H, HKV = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
                        c["num_key_value_heads"])
     hd, bs = E // H, fmt.DEFAULT_BLOCK_SIZE

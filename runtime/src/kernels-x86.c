@@ -72,7 +72,11 @@ INLINE void sb_gemm_drive(sb_tile_fn tile, sb_contrib_fn contrib, sb_rowsum_fn r
                           int32_t r1) {
     const int32_t TB = w->n_terms * w->n_blocks, nb = w->n_blocks, ldc = (nb + 15) & ~15;
     const int32_t ntile = tile_tokens(w);
-    int32_t buf[SB_BUF + 16]; /* + 16: contrib's vector loads of sums may run past the last block */
+    /* Sums of a whole row group are written before any is read back: the tiles store them as scalars, and a
+     * vector load of scalars still in the store buffer cannot be forwarded (a ~20-cycle stall per row that
+     * was 20 % of SmolLM2 decode); a group later they are plain L1 loads. + 16: contrib's vector loads of
+     * sums may run past the last block. */
+    int32_t buf[2 * SB_BUF + 16];
     float c[SB_TILE * SB_GROUP_MAX * SB_MAX_NB];
     if ((size_t)2 * TB > SB_BUF || nb > SB_MAX_NB) { /* beyond the buffers; keep exact results anyway */
         pbs2p_sb_gemm_ref(w, act, y, ldy, r0, r1);
@@ -82,13 +86,17 @@ INLINE void sb_gemm_drive(sb_tile_fn tile, sb_contrib_fn contrib, sb_rowsum_fn r
         const int32_t g = r1 - rg < G ? r1 - rg : G;
         for (int32_t t0 = 0; t0 < act->n_tok; t0 += ntile) {
             const int32_t nt = act->n_tok - t0 < ntile ? act->n_tok - t0 : ntile;
-            for (int32_t i = 0; i < g; i++) {
-                tile(w, act, rg + i, t0, nt, buf, (size_t)2 * TB);
-                for (int32_t tt = 0; tt < nt; tt++) {
-                    const int32_t *sums = buf + (size_t)tt * 2 * TB;
-                    contrib(w, rg + i, sums, sums + TB, act->scale + (size_t)(t0 + tt) * nb,
-                            c + ((size_t)tt * G + i) * ldc);
-                }
+            const size_t per_row = (size_t)nt * 2 * TB;
+            const int32_t batch = (size_t)g * per_row <= 2 * SB_BUF ? g : 1; /* rows whose sums fit buf */
+            for (int32_t i0 = 0; i0 < g; i0 += batch) {
+                const int32_t i1 = i0 + batch < g ? i0 + batch : g;
+                for (int32_t i = i0; i < i1; i++) tile(w, act, rg + i, t0, nt, buf + (i - i0) * per_row, (size_t)2 * TB);
+                for (int32_t i = i0; i < i1; i++)
+                    for (int32_t tt = 0; tt < nt; tt++) {
+                        const int32_t *sums = buf + (i - i0) * per_row + (size_t)tt * 2 * TB;
+                        contrib(w, rg + i, sums, sums + TB, act->scale + (size_t)(t0 + tt) * nb,
+                                c + ((size_t)tt * G + i) * ldc);
+                    }
             }
             for (int32_t tt = 0; tt < nt; tt++)
                 rowsum(c + (size_t)tt * G * ldc, ldc, nb, g, y + (int64_t)(t0 + tt) * ldy + rg);
@@ -135,7 +143,12 @@ TARGET_AVX2 static void rowsum_avx2(const float *c, int32_t ldc, int32_t nb, int
     _mm256_maskstore_ps(y, m, acc);
 }
 
-/* Writes c[0 .. round_up(nb, 16)). */
+/* Writes c[0 .. round_up(nb, 16)). f16 tails by a masked 512-bit vmovdqu16 (AVX512BW; masked-off elements are
+ * not read, so nothing past the row is touched), of which the low 16 halves are used. */
+TARGET_AVX512 INLINE __m512 avx512_load_f16(const uint16_t *p, __mmask32 m) {
+    return _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, p)));
+}
+
 TARGET_AVX512 static void contrib_avx512(const pbs2p_sb_weight *w, int32_t row, const int32_t *sp,
                                          const int32_t *sn, const float *xs, float *c) {
     const int32_t T = w->n_terms, nb = w->n_blocks;
@@ -143,15 +156,14 @@ TARGET_AVX512 static void contrib_avx512(const pbs2p_sb_weight *w, int32_t row, 
     for (int32_t b0 = 0; b0 < nb; b0 += 16) {
         const int32_t n = nb - b0 < 16 ? nb - b0 : 16;
         const __mmask16 m = (__mmask16)((1u << n) - 1u);
-        uint16_t tmp[16];
         __m512 s = _mm512_setzero_ps();
         for (int32_t t = 0; t < T; t++) {
-            const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)LOAD_F16(alpha + (size_t)t * nb + b0, n, 16, tmp)));
+            const __m512 a = avx512_load_f16(alpha + (size_t)t * nb + b0, m);
             const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512((const void *)(sp + t * nb + b0)),
                                                _mm512_loadu_si512((const void *)(sn + t * nb + b0)));
             s = _mm512_add_ps(s, _mm512_mul_ps(a, _mm512_cvtepi32_ps(d)));
         }
-        const __m512 vm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)LOAD_F16(mu + b0, n, 16, tmp)));
+        const __m512 vm = avx512_load_f16(mu + b0, m);
         const __m512i k = _mm512_add_epi32(_mm512_loadu_si512((const void *)(sp + b0)),
                                            _mm512_loadu_si512((const void *)(sn + b0)));
         s = _mm512_add_ps(s, _mm512_mul_ps(vm, _mm512_cvtepi32_ps(k)));
