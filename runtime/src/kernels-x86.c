@@ -519,13 +519,34 @@ TARGET_AVX512POP INLINE void pop512_flush(__m512i pend[8], int n, int32_t *out, 
     }
 }
 
+/* T = 1 only (unit u = block b): the contributions c_b of blocks u0 .. u0+n-1 straight from the reduced
+ * vector, without storing the sums: vpermd gathers pos counts into lanes 0–7 and neg into 8–15, then every lane
+ * does pbs2p_sb_combine_row's float steps (s = 0 + α·(S⁺ − S⁻); s += μ·(S⁺ + S⁻); c = s_b·s). Writes c[u0 .. u0+8)
+ * (lanes past n are garbage that rowsum never reads; c rows are padded to 16). */
+TARGET_AVX512POP INLINE void pop512_flush_c(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row,
+                                            int32_t tok, __m512i pend[8], int n, float *c, int32_t u0) {
+    const int32_t nb = w->n_blocks;
+    for (int j = n; j < 8; j++) pend[j] = _mm512_setzero_si512();
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15);
+    const __m512i pn = _mm512_permutexvar_epi32(idx, pop512_reduce8(pend));
+    const __m256i sp = _mm512_castsi512_si256(pn), sn = _mm512_extracti64x4_epi64(pn, 1);
+    const __mmask32 m = (__mmask32)((1u << n) - 1u);
+    const __m256 a = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_maskz_loadu_epi16(m, w->alpha + (size_t)row * nb + u0)));
+    const __m256 mu = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_maskz_loadu_epi16(m, w->mu + (size_t)row * nb + u0)));
+    const __m256 xs = _mm512_castps512_ps256(_mm512_maskz_loadu_ps((__mmask16)m, act->scale + (size_t)tok * nb + u0));
+    __m256 s = _mm256_add_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, _mm256_cvtepi32_ps(_mm256_sub_epi32(sp, sn))));
+    s = _mm256_add_ps(s, _mm256_mul_ps(mu, _mm256_cvtepi32_ps(_mm256_add_epi32(sp, sn))));
+    _mm256_storeu_ps(c + u0, _mm256_mul_ps(xs, s));
+}
+
 /* One row, NT tokens. Per 64 weights (one pos and one neg word) and token, the inner loop is
  *   vpternlogq (X ^ lane-7 flip) & bcast(P)  ·  vpopcntq  ·  vpaddq      for P and for N: 6 vector uops,
  * the broadcasts are loads shared by the tile's tokens. Per block: one vpshufd merging the pos and neg qword
  * counts into the even/odd dwords and one vpmaddwd by (w_k, 0, w_k, 0) applying (*) to both (2 uops), and
  * 1/8 of the 21-uop reduction. bs = 128: (2·6 + 2 + 21/8) / 128 ≈ 0.13 vector uops per weight. */
 TARGET_AVX512POP INLINE void pop512_tile_n(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row,
-                                           int32_t tok0, int32_t *out, size_t tok_stride, const int NT) {
+                                           int32_t tok0, int32_t *out, size_t tok_stride, const int NT,
+                                           float *cout, size_t c_stride) {
     const int32_t T = w->n_terms, W = w->n_words, nb = w->n_blocks, bw = w->block_words, TB = T * nb;
     const size_t xs = (size_t)W * 8;
     const uint64_t *xp = act->xplanes + (size_t)tok0 * xs;
@@ -569,7 +590,10 @@ TARGET_AVX512POP INLINE void pop512_tile_n(const pbs2p_sb_weight *w, const pbs2p
             for (int tt = 0; tt < NT; tt++) pend[tt][np] = m[tt];
             if (++np == 8) {
                 #pragma GCC unroll 4
-                for (int tt = 0; tt < NT; tt++) pop512_flush(pend[tt], 8, out + tt * tok_stride, TB, u0);
+                for (int tt = 0; tt < NT; tt++) {
+                    if (cout) pop512_flush_c(w, act, row, tok0 + tt, pend[tt], 8, cout + tt * c_stride, u0);
+                    else pop512_flush(pend[tt], 8, out + tt * tok_stride, TB, u0);
+                }
                 u0 += 8;
                 np = 0;
             }
@@ -577,16 +601,19 @@ TARGET_AVX512POP INLINE void pop512_tile_n(const pbs2p_sb_weight *w, const pbs2p
     }
     if (np > 0)
         #pragma GCC unroll 4
-        for (int tt = 0; tt < NT; tt++) pop512_flush(pend[tt], np, out + tt * tok_stride, TB, u0);
+        for (int tt = 0; tt < NT; tt++) {
+            if (cout) pop512_flush_c(w, act, row, tok0 + tt, pend[tt], np, cout + tt * c_stride, u0);
+            else pop512_flush(pend[tt], np, out + tt * tok_stride, TB, u0);
+        }
 }
 
 TARGET_AVX512POP static void pop512_tile(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row,
                                          int32_t tok0, int32_t nt, int32_t *out, size_t tok_stride) {
     switch (nt) {
-    case 1: pop512_tile_n(w, act, row, tok0, out, tok_stride, 1); break;
-    case 2: pop512_tile_n(w, act, row, tok0, out, tok_stride, 2); break;
-    case 3: pop512_tile_n(w, act, row, tok0, out, tok_stride, 3); break;
-    default: pop512_tile_n(w, act, row, tok0, out, tok_stride, 4); break;
+    case 1: pop512_tile_n(w, act, row, tok0, out, tok_stride, 1, NULL, 0); break;
+    case 2: pop512_tile_n(w, act, row, tok0, out, tok_stride, 2, NULL, 0); break;
+    case 3: pop512_tile_n(w, act, row, tok0, out, tok_stride, 3, NULL, 0); break;
+    default: pop512_tile_n(w, act, row, tok0, out, tok_stride, 4, NULL, 0); break;
     }
 }
 
@@ -594,8 +621,38 @@ static void sb_sums_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, in
     sb_sums_drive(pop512_tile, w, act, sums, r0, r1);
 }
 
+/* T = 1: contributions computed in the tile's flush (no sums round trip), then rowsum per 16-row group. */
+TARGET_AVX512POP static void pop512_gemm_t1(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy,
+                                            int32_t r0, int32_t r1) {
+    enum { G = 16 };
+    const int32_t nb = w->n_blocks, ldc = (nb + 15) & ~15, ntile = tile_tokens(w);
+    float c[SB_TILE * G * SB_MAX_NB];
+    for (int32_t rg = r0; rg < r1; rg += G) {
+        const int32_t g = r1 - rg < G ? r1 - rg : G;
+        for (int32_t t0 = 0; t0 < act->n_tok; t0 += ntile) {
+            const int32_t nt = act->n_tok - t0 < ntile ? act->n_tok - t0 : ntile;
+            for (int32_t i = 0; i < g; i++) {
+                float *ci = c + (size_t)i * ldc;
+                const size_t cs = (size_t)G * ldc;
+                switch (nt) {
+                case 1: pop512_tile_n(w, act, rg + i, t0, NULL, 0, 1, ci, cs); break;
+                case 2: pop512_tile_n(w, act, rg + i, t0, NULL, 0, 2, ci, cs); break;
+                case 3: pop512_tile_n(w, act, rg + i, t0, NULL, 0, 3, ci, cs); break;
+                default: pop512_tile_n(w, act, rg + i, t0, NULL, 0, 4, ci, cs); break;
+                }
+            }
+            for (int32_t tt = 0; tt < nt; tt++)
+                rowsum_avx512(c + (size_t)tt * G * ldc, ldc, nb, g, y + (int64_t)(t0 + tt) * ldy + rg);
+        }
+    }
+}
+
 static void sb_gemm_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy, int32_t r0,
                            int32_t r1) {
+    if (w->n_terms == 1 && w->n_blocks <= SB_MAX_NB) {
+        pop512_gemm_t1(w, act, y, ldy, r0, r1);
+        return;
+    }
     sb_gemm_drive(pop512_tile, contrib_avx512, rowsum_avx512, 16, w, act, y, ldy, r0, r1);
 }
 
