@@ -61,10 +61,10 @@ def bytes_per_token(path: Path) -> dict[str, float]:
     return {"file_bytes": path.stat().st_size, "bytes_per_token": per_tok}
 
 
-def configs(models: Path, sets: list[str], threads: list[int]) -> list[dict]:
+def configs(models: Path, sets: list[str], threads: list[int], pbs2p_files: dict[str, str]) -> list[dict]:
     out = []
     for s in sets:
-        files = [("pbs2p", "6:8 sign", models / f"{s}-sign68.pbs2p")]
+        files = [("pbs2p", "6:8 sign", Path(pbs2p_files.get(s, models / f"{s}-sign68.pbs2p")))]
         files += [("llama.cpp", t, models / f"{s}-{t}.gguf") for t in LLAMA_TYPES]
         for engine, typ, f in files:
             if not f.exists():
@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--n-prompt", type=int, default=512)
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--pbs2p-kernel", default="auto")
+    ap.add_argument("--pbs2p-file", action="append", default=[], metavar="SET=PATH",
+                    help="pbs2p file of a set (default MODELS/SET-sign68.pbs2p)")
     ap.add_argument("--pbs2p-batch", type=int, default=512, help="pbs2p n_batch (prompt tokens per pass)")
     ap.add_argument("--llama-lib", default="", help="LLAMA_CPP_LIB_PATH for llama_speed.py (e.g. an AVX2 build)")
     ap.add_argument("--build", default="/tmp/build-speed", help="CMake build dir with libpbs2p_static.a")
@@ -114,7 +116,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     threads = [int(t) for t in a.threads.split(",")]
     e2e, bw = build(Path(a.build), out)
-    cfgs = configs(Path(a.models), a.set, threads)
+    cfgs = configs(Path(a.models), a.set, threads, dict(kv.split("=", 1) for kv in a.pbs2p_file))
     for c in cfgs:
         c.update(bytes_per_token(Path(c["file"])))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load_before": load_avg(),
