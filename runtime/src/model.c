@@ -862,9 +862,9 @@ ATTN_CLONES static void attn_fn(void *arg, int32_t ith, int32_t nth) {
     const float scale = 1.0f / sqrtf((float)hd);
     float *att = ctx->att + (size_t)ith * ctx->n_ctx;
     const size_t lbase = (size_t)t->layer * ctx->n_ctx * c->kv_dim;
-    int32_t a, b;
-    range_split(t->n_tok * c->n_head, ith, nth, &a, &b);
-    for (int32_t th = a; th < b; th++) {
+    /* (token, head) pairs dealt round-robin: causal rows grow with the token, so contiguous ranges would give
+     * the last thread ~3x the first one's work in a long prefill */
+    for (int32_t th = ith; th < t->n_tok * c->n_head; th += nth) {
         const int32_t i = th / c->n_head, h = th % c->n_head, pos = t->pos0 + i, kvh = h / kv_mul;
         const float *q = ctx->q + (size_t)i * c->q_dim + (size_t)h * hd;
         float mx = -INFINITY;
