@@ -82,7 +82,7 @@ static uint16_t rand_f16(void) {
 
 static void test_batch(int32_t K, int32_t R, int32_t n_tok, int32_t bs, int32_t T) {
     const int32_t W = (K + 63) / 64, nb = (K + bs - 1) / bs;
-    uint64_t *planes = aligned_alloc(64, (size_t)R * T * 2 * W * 8);
+    uint64_t *planes = aligned_alloc(64, ((size_t)R * T * 2 * W * 8 + 63) & ~(size_t)63);
     uint16_t *alpha = malloc((size_t)R * T * nb * 2), *mu = malloc((size_t)R * nb * 2);
     for (int32_t r = 0; r < R; r++)
         for (int32_t i = 0; i < W; i++) {
