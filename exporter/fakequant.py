@@ -184,4 +184,21 @@ def load_fakequant(path: str | Path, act_quant: bool = False, device: str = "cpu
         model.tie_weights()
     if act_quant:
         enable_act_quant(model, int(kv.get(fmt.KEY_BLOCK_SIZE, fmt.DEFAULT_BLOCK_SIZE)), set(sbs))
+        if _tensor_type(path, "token_embd.weight" if tied else "output.weight") == fmt.GGMLType.Q8_0:
+            enable_head_act_quant(model)
     return model.to(device)
+
+
+def _tensor_type(path: str | Path, name: str) -> int:
+    import gguf
+
+    return int(next(t.tensor_type for t in gguf.GGUFReader(str(path)).tensors if t.name == name))
+
+
+def enable_head_act_quant(model: Any) -> Any:
+    """The runtime's Q8_0 output head quantizes the final hidden state to int8 blocks of 32 (scale kept in f32,
+    docs/format.md "Embedding format"): the same rule as quantize_act with a block of 32."""
+    fam = A.family_of(model.config)
+    head = A.get_module(model, fam.head)
+    head.register_forward_pre_hook(lambda mod, args: (quantize_act(args[0], 32),) + tuple(args[1:]))
+    return model

@@ -396,10 +396,11 @@ static pbs2p_status load_weights(pbs2p_model *m) {
         char p[64];
         l->nm_n = c->nm_m;
         if (nm_n) {
+            /* docs/format.md: 1 <= N <= M; with M = 0 (no layer pruned) every entry is 0 */
             int64_t n = pbs2p_gguf_arr_i64(nm_n, (uint64_t)i);
-            if (n < 1 || (c->nm_m > 0 && n > c->nm_m))
-                return PBS2P_FAIL(PBS2P_ERR_FORMAT, "pbs2p.nm.n[%d] = %lld is out of range [1, %d]", i, (long long)n,
-                                  c->nm_m);
+            if (c->nm_m == 0 ? n != 0 : (n < 1 || n > c->nm_m))
+                return PBS2P_FAIL(PBS2P_ERR_FORMAT, "pbs2p.nm.n[%d] = %lld is out of range [%d, %d]", i, (long long)n,
+                                  c->nm_m ? 1 : 0, c->nm_m);
             l->nm_n = (int32_t)n;
         }
 #define VEC(field, suffix, req)                                              \

@@ -1,0 +1,67 @@
+"""The pure-C model test (runtime/tests/test-model.c) on fixtures the exporter writes: for each tiny family, the
+file, a token sequence and the PyTorch fake-quant logits (act_quant=True: the runtime's activation
+quantization emulated). The C program checks logits within its LOGIT_TOL, batched == token-by-token ==
+other thread counts, truncation, and argument errors. It runs natively and, when the cross builds exist
+(tools/test.sh makes them), for aarch64 and armv7 under qemu: the end-to-end run of a tiny model on ARM."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = 48
+
+
+def _build_dir() -> Path:
+    d = Path(os.environ.get("PBS2P_BUILD_DIR", ROOT / "build" / "native"))
+    if not (d / "test-model").exists():
+        pytest.skip(f"{d}/test-model not built (run tools/test.sh, or set PBS2P_BUILD_DIR to a CMake build)")
+    return d
+
+
+@pytest.fixture(scope="module")
+def fixtures(tiny_model_factory, tmp_path_factory) -> Path:
+    import torch
+
+    from pbs2p.exporter import fakequant, pipeline
+
+    out = tmp_path_factory.mktemp("c-model-fixtures")
+    rng = np.random.default_rng(0)
+    for name, family, nm in [("tiny-llama", "llama", (6, 8)), ("tiny-qwen2", "qwen2", (2, 4)),
+                             ("tiny-opt", "opt", (4, 8)), ("tiny-llama-dense", "llama", None)]:
+        cfg = pipeline.ExportConfig(nm=nm, nsamples=4, seqlen=32, progress=False, calib="self")
+        path = out / f"{name}.pbs2p"
+        pipeline.export(str(tiny_model_factory(family)), path, cfg)
+        ref = fakequant.load_fakequant(path, act_quant=True)
+        ids = rng.integers(0, ref.config.vocab_size, size=TOKENS).astype(np.int32)
+        with torch.no_grad():
+            logits = ref(torch.from_numpy(ids[None].astype(np.int64))).logits[0].float().numpy()
+        ids.astype("<i4").tofile(out / f"{name}.tokens.i32")
+        logits.astype("<f4").tofile(out / f"{name}.logits.f32")
+    return out
+
+
+def _run(cmd: list[str], fixtures: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PBS2P_TEST_DIR=str(fixtures), PBS2P_TEST_QUICK="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_c_model_native(fixtures):
+    r = _run([str(_build_dir() / "test-model")], fixtures)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SKIP" not in r.stdout
+
+
+@pytest.mark.parametrize("triple,qemu", [("aarch64-linux-gnu", "qemu-aarch64"), ("arm-linux-gnueabihf", "qemu-arm")])
+def test_c_model_arm_under_qemu(fixtures, triple, qemu):
+    exe = ROOT / "build" / triple / "test-model"
+    if not exe.exists() or shutil.which(qemu) is None:
+        pytest.skip(f"{exe} or {qemu} missing (tools/test.sh cross-builds when the toolchains are installed)")
+    r = _run([qemu, "-L", f"/usr/{triple}", str(exe)], fixtures)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SKIP" not in r.stdout
