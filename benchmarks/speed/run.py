@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--pbs2p-batch", type=int, default=512, help="pbs2p n_batch (prompt tokens per pass)")
     ap.add_argument("--llama-lib", default="", help="LLAMA_CPP_LIB_PATH for llama_speed.py (e.g. an AVX2 build)")
     ap.add_argument("--build", default="/tmp/build-speed", help="CMake build dir with libpbs2p_static.a")
-    ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--out", default="/tmp/pbs2p-speed/out")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
