@@ -6,7 +6,6 @@ CPU defaults are 32 windows x 512 tokens; the lineage's protocol (`--paper`) is 
 """
 from __future__ import annotations
 
-import inspect
 import json
 import random
 import sys
@@ -62,47 +61,38 @@ def tokenize_all(tok: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _cache_of(res: Any) -> Any:
-    c = getattr(res, "cache", None)
-    return c if c is not None else res.past_key_values
-
-
 @torch.no_grad()
 def self_generated(model: Any, tok: Any, nsamples: int, seqlen: int, seed: int, batch: int = 32,
                    temperature: float = 1.0, progress: bool = True) -> torch.Tensor:
     """Sample nsamples sequences of seqlen tokens from the model itself, starting at BOS (fully offline).
 
-    Plain multinomial sampling at temperature 1 with a seeded generator on the CPU (so CPU and GPU runs draw the
-    same tokens up to float differences in the logits); EOS is masked so every sequence runs to full length.
+    Plain multinomial sampling at temperature 1 (no top-k/top-p) through transformers' generate() with its KV
+    cache, seeded with torch.manual_seed(seed) per batch; EOS is suppressed so every sequence runs to full
+    length. (A hand-written decode loop passing the cache back measured ~3 s per step at batch 32 on this CPU
+    with transformers 5, generate() 0.4 s.)
     """
+    import transformers
     from tqdm.auto import tqdm
 
     dev = next(model.parameters()).device
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if start is None:
         start = 0
-    gen = torch.Generator().manual_seed(seed)
     eos = tok.eos_token_id
-    vocab = model.get_output_embeddings().weight.shape[0]
-    # transformers 5 renamed past_key_values to cache; use whichever forward() takes
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    transformers.logging.set_verbosity_error()  # generate() warns about pad ids and generation flags
     out = []
+    bar = tqdm(total=nsamples, desc="calibration: sampling", disable=not progress, file=sys.stderr, leave=False)
     for b0 in range(0, nsamples, batch):
         nb = min(batch, nsamples - b0)
-        seq = torch.full((nb, 1), start, dtype=torch.long)
-        res = model(seq.to(dev), use_cache=True)
-        past = _cache_of(res)
-        for _ in tqdm(range(seqlen - 1), desc=f"calibration: sampling {b0 + nb}/{nsamples}", disable=not progress,
-                      file=sys.stderr, leave=False):
-            logits = res.logits[:, -1, :vocab].float().cpu()
-            if eos is not None and eos < vocab:
-                logits[:, eos] = float("-inf")
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=gen)
-            seq = torch.cat([seq, nxt], dim=1)
-            res = model(nxt.to(dev), use_cache=True, **{cache_kw: past})
-            past = _cache_of(res)
-        out.append(seq)
+        torch.manual_seed(seed + b0)
+        seq = torch.full((nb, 1), start, dtype=torch.long, device=dev)
+        res = model.generate(seq, attention_mask=torch.ones_like(seq), do_sample=True, temperature=temperature,
+                             top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                             suppress_tokens=[eos] if eos is not None else None,
+                             pad_token_id=eos if eos is not None else 0)
+        out.append(res[:, :seqlen].cpu())
+        bar.update(nb)
+    bar.close()
     return torch.cat(out)
 
 
