@@ -1,6 +1,6 @@
 """CFS coarse stage: a kept count N_l per transformer block from how much each block changes its input.
 
-See docs/algorithm-coarse.md for the rule and its constants; `allocate` is the whole of it.
+See docs/algorithm.md ("CFS coarse stage") for the rule and its constants; `allocate` is the whole of it.
 """
 from __future__ import annotations
 
