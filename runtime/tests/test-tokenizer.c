@@ -16,19 +16,7 @@
 #include "gguf.h"
 #include "tokenizer.h"
 
-static int n_pass, n_fail;
-
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (cond) {                                                   \
-            n_pass++;                                                 \
-        } else {                                                      \
-            n_fail++;                                                 \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                             \
-            fprintf(stderr, "\n");                                    \
-        }                                                             \
-    } while (0)
+#include "test-util.h"
 
 /* ---- a minimal GGUF v3 writer (metadata only, no tensors) ---- */
 
