@@ -91,13 +91,15 @@ def from_export(comp: Any, act_quant: bool = False) -> Any:
 
 
 def _dense(t: Any) -> np.ndarray:
-    """A dense GGUF tensor (F32, F16, Q8_0) as float32, numpy shape (outer..., ne0)."""
+    """A dense GGUF tensor (F32, F16, Q8_0, Q4_0) as float32, numpy shape (outer..., ne0)."""
     import gguf
 
     data = np.asarray(t.data)
     shape = [int(x) for x in reversed(t.shape)]  # GGUF ne order -> numpy order
     if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
         return fmt.dequantize_q8_0(data.view(np.uint8).reshape(-1), shape[-1]).reshape(shape)
+    if t.tensor_type == gguf.GGMLQuantizationType.Q4_0:
+        return fmt.dequantize_q4_0(data.view(np.uint8).reshape(-1), shape[-1]).reshape(shape)
     if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         return data.astype(np.float32).reshape(shape)
     raise ValueError(f"tensor {t.name}: type {t.tensor_type!r} is not a pbs2p dense type")
@@ -184,7 +186,8 @@ def load_fakequant(path: str | Path, act_quant: bool = False, device: str = "cpu
         model.tie_weights()
     if act_quant:
         enable_act_quant(model, int(kv.get(fmt.KEY_BLOCK_SIZE, fmt.DEFAULT_BLOCK_SIZE)), set(sbs))
-        if _tensor_type(path, "token_embd.weight" if tied else "output.weight") == fmt.GGMLType.Q8_0:
+        if _tensor_type(path, "token_embd.weight" if tied else "output.weight") in (fmt.GGMLType.Q8_0,
+                                                                                     fmt.GGMLType.Q4_0):
             enable_head_act_quant(model)
     return model.to(device)
 
@@ -196,7 +199,7 @@ def _tensor_type(path: str | Path, name: str) -> int:
 
 
 def enable_head_act_quant(model: Any) -> Any:
-    """The runtime's Q8_0 output head quantizes the final hidden state to int8 blocks of 32 (scale kept in f32,
+    """The runtime's Q8_0 / Q4_0 output head quantizes the final hidden state to int8 blocks of 32 (scale kept in f32,
     docs/format.md "Embedding format"): the same rule as quantize_act with a block of 32."""
     fam = A.family_of(model.config)
     head = A.get_module(model, fam.head)

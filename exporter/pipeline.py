@@ -28,7 +28,8 @@ from . import arch as A
 from . import coarse as C
 
 METHODS = ("pbs2p", "sign", "billm", "arb", "stbllm", "fp16")
-EMBED_TYPES = {"q8_0": fmt.GGMLType.Q8_0, "f16": fmt.GGMLType.F16, "f32": fmt.GGMLType.F32}
+EMBED_TYPES = {"q8_0": fmt.GGMLType.Q8_0, "q4_0": fmt.GGMLType.Q4_0, "f16": fmt.GGMLType.F16,
+               "f32": fmt.GGMLType.F32}
 
 
 class ExportError(ValueError):
@@ -346,7 +347,7 @@ def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calib
 
 def _embed_gtype(cfg: ExportConfig, n_embd: int) -> fmt.GGMLType:
     g = EMBED_TYPES[cfg.embed_type]
-    if g == fmt.GGMLType.Q8_0 and n_embd % fmt.Q8_0_BLOCK:
+    if g in (fmt.GGMLType.Q8_0, fmt.GGMLType.Q4_0) and n_embd % fmt.Q8_0_BLOCK:
         return fmt.GGMLType.F16  # docs/format.md: the writer falls back to F16 when n_embd % 32 != 0
     return g
 
@@ -368,6 +369,8 @@ def quantize_embeddings_inplace(model: Any, fam: A.Family, cfg: ExportConfig) ->
         g = _embed_gtype(cfg, x.shape[-1])
         if g == fmt.GGMLType.Q8_0:
             y = fmt.dequantize_q8_0(fmt.quantize_q8_0(x), x.shape[-1])
+        elif g == fmt.GGMLType.Q4_0:
+            y = fmt.dequantize_q4_0(fmt.quantize_q4_0(x), x.shape[-1])
         elif g == fmt.GGMLType.F16:
             y = x.astype(np.float16).astype(np.float32)
         else:

@@ -176,6 +176,26 @@ def test_storage_bpw_counts_file_bytes(exported):
     assert stats["file_bytes"] == out.stat().st_size
 
 
+def test_q4_0_is_ggml_q4_0():
+    """format.quantize_q4_0 writes the bytes of ggml's reference quantizer (gguf-py's port of it), and
+    dequantize_q4_0 reads them as gguf-py does: the Q4_0 head is an ordinary llama.cpp Q4_0 tensor."""
+    from gguf import quants
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 96)) * rng.uniform(0.01, 3, (16, 1))).astype(np.float32)
+    x[0, :32] = 0  # d = 0
+    x[1, :32] = 0.5
+    x[1, 5] = -0.5  # magnitude tie: the first one sets the sign of d
+    x[2, :32] = np.linspace(-1, 1, 32)
+    q = fmt.quantize_q4_0(x)
+    assert q.shape == (16, 3 * 18)
+    ref = quants.quantize(x, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(q.shape)
+    assert np.array_equal(q, ref)
+    deq = fmt.dequantize_q4_0(q, 96)
+    assert np.array_equal(deq, quants.dequantize(q, gguf.GGMLQuantizationType.Q4_0).reshape(x.shape))
+    assert np.abs(deq - x).max() <= np.abs(x).max() / 8 + 1e-6
+
+
 def test_act_quant_matches_numpy_quantizer():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 200, generator=g) * 3

@@ -21,6 +21,7 @@ DEFAULT_BLOCK_SIZE = 128
 MAX_TERMS = 4  # the runtime accepts 1..4 binary terms per linear
 Q8_0_BLOCK = 32
 Q8_0_BYTES = 34
+Q4_0_BYTES = 18
 
 
 class GGMLType(IntEnum):
@@ -28,6 +29,7 @@ class GGMLType(IntEnum):
 
     F32 = 0
     F16 = 1
+    Q4_0 = 2
     Q8_0 = 8
     I8 = 24
 
@@ -232,6 +234,36 @@ def dequantize_q8_0(data: np.ndarray, k: int) -> np.ndarray:
     return (q * d).reshape(r, k)
 
 
+def quantize_q4_0(x: np.ndarray) -> np.ndarray:
+    """ggml Q4_0 of float32 (R, K), K % 32 == 0 -> uint8 (R, K/32·18), ggml's reference rule: per block the
+    value of largest magnitude m (first on ties), d = m / -8 stored as f16, q = min(15, trunc(x·(1/d) + 8.5))
+    with the float32 d (d = 0 -> q = 8); byte j holds element j in its low nibble and j + 16 in its high one."""
+    x = np.asarray(x, dtype=np.float32)
+    r, k = x.shape
+    if k % Q8_0_BLOCK:
+        raise ValueError(f"Q4_0 needs a row length multiple of 32, got {k}")
+    xb = x.reshape(r, k // 32, 32)
+    m = np.take_along_axis(xb, np.abs(xb).argmax(axis=-1)[..., None], axis=-1)
+    d = (m / np.float32(-8)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.minimum(np.trunc(xb * inv + np.float32(8.5)), 15).astype(np.uint8)
+    out = np.empty((r, k // 32, Q4_0_BYTES), dtype=np.uint8)
+    out[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(r, k // 32, 2)
+    out[:, :, 2:] = q[:, :, :16] | (q[:, :, 16:] << 4)
+    return out.reshape(r, k // 32 * Q4_0_BYTES)
+
+
+def dequantize_q4_0(data: np.ndarray, k: int) -> np.ndarray:
+    data = np.asarray(data, dtype=np.uint8)
+    r = data.size // (k // 32 * Q4_0_BYTES)
+    b = data.reshape(r, k // 32, Q4_0_BYTES)
+    d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
+    qs = b[:, :, 2:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32) - np.float32(8)
+    return (q * d).reshape(r, k)
+
+
 def quantize_act(x: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The runtime's per-token, per-column-block int8 activation quantizer (docs/format.md), float32 math.
     x (..., K) -> q int8 (..., K), s float32 (..., nb) with s_b = amax_b / 127."""
@@ -313,7 +345,7 @@ class ModelWriter:
         self._w.add_tensor(prefix + SUFFIX_MU, sb.mu)
 
     def add_dense(self, name: str, x: np.ndarray, gtype: GGMLType = GGMLType.F32) -> None:
-        """A float tensor as F32, F16 or Q8_0 (rows of the last axis)."""
+        """A float tensor as F32, F16, Q8_0 or Q4_0 (rows of the last axis)."""
         import gguf
 
         x = np.asarray(x, dtype=np.float32)
@@ -324,6 +356,9 @@ class ModelWriter:
         elif gtype == GGMLType.Q8_0:
             q = quantize_q8_0(x.reshape(-1, x.shape[-1]))
             self._w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif gtype == GGMLType.Q4_0:
+            q = quantize_q4_0(x.reshape(-1, x.shape[-1]))
+            self._w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
         else:
             raise ValueError(f"unsupported dense type {gtype!r}")
 

@@ -231,8 +231,7 @@ static void sb_gemm_neon(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, floa
 
 /* ------------------------------------------------------------------ Q8_0 ----------------------------------- */
 
-INLINE int32_t q8_block(const uint8_t *blk, const int8_t *x) {
-    const int8x16_t w0 = vld1q_s8((const int8_t *)blk + 2), w1 = vld1q_s8((const int8_t *)blk + 18);
+INLINE int32_t dot32_s8(int8x16_t w0, int8x16_t w1, const int8_t *x) {
     const int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16);
     int32x4_t acc = vdupq_n_s32(0);
     acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(w0), vget_low_s8(x0)));
@@ -242,20 +241,32 @@ INLINE int32_t q8_block(const uint8_t *blk, const int8_t *x) {
     return hsum_s32(acc);
 }
 
-/* Rows outer, tokens inner: a row (nb·34 bytes) is read from memory once and from L1 for the other tokens. */
-static void q8_gemm_neon(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy, int32_t r0,
-                         int32_t r1) {
+INLINE int32_t q8_block(const uint8_t *blk, const int8_t *x) {
+    return dot32_s8(vld1q_s8((const int8_t *)blk + 2), vld1q_s8((const int8_t *)blk + 18), x);
+}
+
+/* Q4_0: low nibbles are elements 0..15, high nibbles 16..31, value nibble - 8. */
+INLINE int32_t q4_block(const uint8_t *blk, const int8_t *x) {
+    const uint8x16_t qs = vld1q_u8(blk + 2);
+    const int8x16_t eight = vdupq_n_s8(8);
+    return dot32_s8(vsubq_s8(vreinterpretq_s8_u8(vandq_u8(qs, vdupq_n_u8(15))), eight),
+                    vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(qs, 4)), eight), x);
+}
+
+/* Rows outer, tokens inner: a row (nb·bytes) is read from memory once and from L1 for the other tokens. */
+INLINE void q_gemm_neon(int32_t (*block)(const uint8_t *, const int8_t *), size_t bytes, const uint8_t *w,
+                        int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy, int32_t r0, int32_t r1) {
     const int32_t nb = K / 32;
     for (int32_t r = r0; r < r1; r++) {
-        const uint8_t *row = w + (size_t)r * nb * 34;
+        const uint8_t *row = w + (size_t)r * nb * bytes;
         for (int32_t t = 0; t < act->n_tok; t++) {
             const int8_t *xq = act->q + (size_t)t * K;
             const float *xd = act->d + (size_t)t * nb;
             float acc = 0.0f;
             for (int32_t b = 0; b < nb; b++) {
                 uint16_t dh;
-                memcpy(&dh, row + (size_t)b * 34, 2);
-                int32_t s = q8_block(row + (size_t)b * 34, xq + (size_t)b * 32);
+                memcpy(&dh, row + (size_t)b * bytes, 2);
+                int32_t s = block(row + (size_t)b * bytes, xq + (size_t)b * 32);
                 float dd = pbs2p_fp16_to_fp32(dh) * xd[b];
                 float c = dd * (float)s;
                 acc = acc + c;
@@ -265,8 +276,18 @@ static void q8_gemm_neon(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, f
     }
 }
 
-const pbs2p_kernels pbs2p_kernels_neon = {"neon", sb_gemm_neon, sb_sums_neon, q8_gemm_neon};
+static void q8_gemm_neon(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy, int32_t r0,
+                         int32_t r1) {
+    q_gemm_neon(q8_block, 34, w, K, act, y, ldy, r0, r1);
+}
+
+static void q4_gemm_neon(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy, int32_t r0,
+                         int32_t r1) {
+    q_gemm_neon(q4_block, 18, w, K, act, y, ldy, r0, r1);
+}
+
+const pbs2p_kernels pbs2p_kernels_neon = {"neon", sb_gemm_neon, sb_sums_neon, q8_gemm_neon, q4_gemm_neon};
 const pbs2p_kernels pbs2p_kernels_neon_expand = {"neon-expand", sb_gemm_neon_expand, sb_sums_neon_expand,
-                                                 q8_gemm_neon};
+                                                 q8_gemm_neon, q4_gemm_neon};
 
 #endif

@@ -178,4 +178,32 @@ void pbs2p_q8_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, flo
     }
 }
 
-const pbs2p_kernels pbs2p_kernels_ref = {"scalar", pbs2p_sb_gemm_ref, pbs2p_sb_sums_ref, pbs2p_q8_gemm_ref};
+/* ggml Q4_0 block: f16 d, then 16 bytes: element j < 16 = low nibble of byte j, element j + 16 = high nibble. */
+void pbs2p_q4_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
+                       int32_t r0, int32_t r1) {
+    const int32_t nb = K / 32;
+    for (int32_t t = 0; t < act->n_tok; t++) {
+        const int8_t *xq = act->q + (size_t)t * K;
+        const float *xd = act->d + (size_t)t * nb;
+        for (int32_t r = r0; r < r1; r++) {
+            const uint8_t *row = w + (size_t)r * nb * 18;
+            float acc = 0.0f;
+            for (int32_t b = 0; b < nb; b++) {
+                uint16_t dh;
+                memcpy(&dh, row + b * 18, 2);
+                const uint8_t *qs = row + b * 18 + 2;
+                const int8_t *x = xq + b * 32;
+                int32_t s = 0;
+                for (int j = 0; j < 16; j++)
+                    s += ((int32_t)(qs[j] & 15) - 8) * (int32_t)x[j] + ((int32_t)(qs[j] >> 4) - 8) * (int32_t)x[j + 16];
+                float dd = pbs2p_fp16_to_fp32(dh) * xd[b];
+                float c = dd * (float)s;
+                acc = acc + c;
+            }
+            y[t * ldy + r] = acc;
+        }
+    }
+}
+
+const pbs2p_kernels pbs2p_kernels_ref = {"scalar", pbs2p_sb_gemm_ref, pbs2p_sb_sums_ref, pbs2p_q8_gemm_ref,
+                                         pbs2p_q4_gemm_ref};

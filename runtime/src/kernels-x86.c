@@ -333,10 +333,12 @@ TARGET_AVX2 INLINE __m256i avx2_hsum8(const __m256i v[8]) {
                             _mm256_permute2x128_si256(s0123, s4567, 0x31));
 }
 
-/* The reference's float steps for 8 blocks: dd = d_w·d_x, c = dd·(float)isum, acc += c in block order. */
-TARGET_AVX2 INLINE float q8_accumulate8(float acc, const uint8_t *row, int32_t b0, const float *xd, __m256i isum) {
+/* The reference's float steps for 8 blocks of `bytes` bytes (34: Q8_0, 18: Q4_0; f16 d first):
+ * dd = d_w·d_x, c = dd·(float)isum, acc += c in block order. */
+TARGET_AVX2 INLINE float q_accumulate8(float acc, const uint8_t *row, size_t bytes, int32_t b0, const float *xd,
+                                       __m256i isum) {
     uint16_t dh[8];
-    for (int j = 0; j < 8; j++) memcpy(&dh[j], row + (size_t)(b0 + j) * 34, 2);
+    for (int j = 0; j < 8; j++) memcpy(&dh[j], row + (size_t)(b0 + j) * bytes, 2);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh));
     const __m256 c = _mm256_mul_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(xd + b0)), _mm256_cvtepi32_ps(isum));
     float cs[8];
@@ -345,46 +347,65 @@ TARGET_AVX2 INLINE float q8_accumulate8(float acc, const uint8_t *row, int32_t b
     return acc;
 }
 
-TARGET_AVX2 INLINE float q8_accumulate1(float acc, const uint8_t *row, int32_t b, const float *xd, int32_t isum) {
+TARGET_AVX2 INLINE float q_accumulate1(float acc, const uint8_t *row, size_t bytes, int32_t b, const float *xd,
+                                       int32_t isum) {
     uint16_t dh;
-    memcpy(&dh, row + (size_t)b * 34, 2);
+    memcpy(&dh, row + (size_t)b * bytes, 2);
     float dd = _cvtsh_ss(dh) * xd[b];
     float c = dd * (float)isum;
     return acc + c;
 }
 
-/* int32 lanes summing to Σ w_j·x_j over one 32-value block. */
-TARGET_AVX2 INLINE __m256i avx2_q8_block(const uint8_t *blk, const int8_t *x) {
-    const __m256i wv = _mm256_loadu_si256((const __m256i *)(blk + 2));
-    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+/* Rows outer, tokens inner: a row (nb·BYTES bytes) is read from memory once and from L1 for the other tokens.
+ * BLOCK(blk, x) gives int32 lanes summing to the block's integer dot product. */
+#define DEFINE_QGEMM(NAME, TARGET, BLOCK, BYTES)                                                                   \
+    TARGET static void NAME(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,         \
+                            int32_t r0, int32_t r1) {                                                            \
+        const int32_t nb = K / 32;                                                                               \
+        for (int32_t r = r0; r < r1; r++) {                                                                      \
+            const uint8_t *row = w + (size_t)r * nb * (BYTES);                                                   \
+            for (int32_t t = 0; t < act->n_tok; t++) {                                                           \
+                const int8_t *xq = act->q + (size_t)t * K;                                                       \
+                const float *xd = act->d + (size_t)t * nb;                                                       \
+                float acc = 0.0f;                                                                                \
+                int32_t b = 0;                                                                                   \
+                for (; b + 8 <= nb; b += 8) {                                                                    \
+                    __m256i v[8];                                                                                \
+                    for (int j = 0; j < 8; j++) v[j] = BLOCK(row + (size_t)(b + j) * (BYTES), xq + (size_t)(b + j) * 32); \
+                    acc = q_accumulate8(acc, row, (BYTES), b, xd, avx2_hsum8(v));                                 \
+                }                                                                                                \
+                for (; b < nb; b++)                                                                              \
+                    acc = q_accumulate1(acc, row, (BYTES), b, xd,                                                \
+                                        avx2_hsum_i32(BLOCK(row + (size_t)b * (BYTES), xq + (size_t)b * 32)));   \
+                y[(int64_t)t * ldy + r] = acc;                                                                   \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+/* Q4_0 block -> 32 int8 weights in -8..7 (low nibbles = elements 0..15, high nibbles = 16..31). */
+TARGET_AVX2 INLINE __m256i avx2_q4_weights(const uint8_t *blk) {
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 2));
+    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(15));
+    return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+}
+
+/* int32 lanes summing to Σ w_j·x_j over one 32-value block: maddubs of |w| and sign(x, w) (maddubs needs an
+ * unsigned left operand). */
+TARGET_AVX2 INLINE __m256i avx2_dot32(__m256i wv, __m256i xv) {
     const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
     return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
-
-/* Rows outer, tokens inner: a row (nb·34 bytes) is read from memory once and from L1 for the other tokens. */
-TARGET_AVX2 static void q8_gemm_avx2(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
-                                     int32_t r0, int32_t r1) {
-    const int32_t nb = K / 32;
-    for (int32_t r = r0; r < r1; r++) {
-        const uint8_t *row = w + (size_t)r * nb * 34;
-        for (int32_t t = 0; t < act->n_tok; t++) {
-            const int8_t *xq = act->q + (size_t)t * K;
-            const float *xd = act->d + (size_t)t * nb;
-            float acc = 0.0f;
-            int32_t b = 0;
-            for (; b + 8 <= nb; b += 8) {
-                __m256i v[8];
-                for (int j = 0; j < 8; j++) v[j] = avx2_q8_block(row + (size_t)(b + j) * 34, xq + (size_t)(b + j) * 32);
-                acc = q8_accumulate8(acc, row, b, xd, avx2_hsum8(v));
-            }
-            for (; b < nb; b++)
-                acc = q8_accumulate1(acc, row, b, xd, avx2_hsum_i32(avx2_q8_block(row + (size_t)b * 34, xq + (size_t)b * 32)));
-            y[(int64_t)t * ldy + r] = acc;
-        }
-    }
+TARGET_AVX2 INLINE __m256i avx2_q8_block(const uint8_t *blk, const int8_t *x) {
+    return avx2_dot32(_mm256_loadu_si256((const __m256i *)(blk + 2)), _mm256_loadu_si256((const __m256i *)x));
 }
+TARGET_AVX2 INLINE __m256i avx2_q4_block(const uint8_t *blk, const int8_t *x) {
+    return avx2_dot32(avx2_q4_weights(blk), _mm256_loadu_si256((const __m256i *)x));
+}
+DEFINE_QGEMM(q8_gemm_avx2, TARGET_AVX2, avx2_q8_block, 34)
+DEFINE_QGEMM(q4_gemm_avx2, TARGET_AVX2, avx2_q4_block, 18)
 
-const pbs2p_kernels pbs2p_kernels_avx2_expand = {"avx2-expand", sb_gemm_avx2, sb_sums_avx2, q8_gemm_avx2};
+const pbs2p_kernels pbs2p_kernels_avx2_expand = {"avx2-expand", sb_gemm_avx2, sb_sums_avx2, q8_gemm_avx2,
+                                                 q4_gemm_avx2};
 
 /* -------------------------------------------------------------- AVX-512 --------------------------------- */
 
@@ -452,31 +473,18 @@ TARGET_AVX512VNNI INLINE __m256i vnni_q8_block(const uint8_t *blk, const int8_t 
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
 }
 
-TARGET_AVX512VNNI static void q8_gemm_avx512vnni(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y,
-                                                 int64_t ldy, int32_t r0, int32_t r1) {
-    const int32_t nb = K / 32;
-    for (int32_t r = r0; r < r1; r++) {
-        const uint8_t *row = w + (size_t)r * nb * 34;
-        for (int32_t t = 0; t < act->n_tok; t++) {
-            const int8_t *xq = act->q + (size_t)t * K;
-            const float *xd = act->d + (size_t)t * nb;
-            float acc = 0.0f;
-            int32_t b = 0;
-            for (; b + 8 <= nb; b += 8) {
-                __m256i v[8];
-                for (int j = 0; j < 8; j++) v[j] = vnni_q8_block(row + (size_t)(b + j) * 34, xq + (size_t)(b + j) * 32);
-                acc = q8_accumulate8(acc, row, b, xd, avx2_hsum8(v));
-            }
-            for (; b < nb; b++)
-                acc = q8_accumulate1(acc, row, b, xd, avx2_hsum_i32(vnni_q8_block(row + (size_t)b * 34, xq + (size_t)b * 32)));
-            y[(int64_t)t * ldy + r] = acc;
-        }
-    }
+TARGET_AVX512VNNI INLINE __m256i vnni_q4_block(const uint8_t *blk, const int8_t *x) {
+    const __m256i wv = avx2_q4_weights(blk);
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
 }
+DEFINE_QGEMM(q8_gemm_avx512vnni, TARGET_AVX512VNNI, vnni_q8_block, 34)
+DEFINE_QGEMM(q4_gemm_avx512vnni, TARGET_AVX512VNNI, vnni_q4_block, 18)
 
-const pbs2p_kernels pbs2p_kernels_avx512_expand = {"avx512-expand", sb_gemm_avx512, sb_sums_avx512, q8_gemm_avx2};
+const pbs2p_kernels pbs2p_kernels_avx512_expand = {"avx512-expand", sb_gemm_avx512, sb_sums_avx512, q8_gemm_avx2,
+                                                   q4_gemm_avx2};
 const pbs2p_kernels pbs2p_kernels_avx512vnni_expand = {"avx512-expand", sb_gemm_avx512, sb_sums_avx512,
-                                                       q8_gemm_avx512vnni};
+                                                       q8_gemm_avx512vnni, q4_gemm_avx512vnni};
 /* ====================================================== popcount family ======================================
  *
  * docs/format.md: with u_j = q_j + 128 and X_k the bit-plane k of u over a 64-column word,
@@ -817,9 +825,10 @@ static void sb_sums_pop512_vnni(const pbs2p_sb_weight *w, const pbs2p_sb_act *ac
     sb_sums_pop512(w, act, sums, r0, r1);
 }
 
-const pbs2p_kernels pbs2p_kernels_avx512 = {"avx512", sb_gemm_pop512, sb_sums_pop512, q8_gemm_avx2};
+const pbs2p_kernels pbs2p_kernels_avx512 = {"avx512", sb_gemm_pop512, sb_sums_pop512, q8_gemm_avx2,
+                                            q4_gemm_avx2};
 const pbs2p_kernels pbs2p_kernels_avx512vnni = {"avx512", sb_gemm_pop512_vnni, sb_sums_pop512_vnni,
-                                              q8_gemm_avx512vnni};
+                                              q8_gemm_avx512vnni, q4_gemm_avx512vnni};
 
 /* ------------------------------------------------------------ AVX2 popcount ----------------------------- */
 
@@ -927,6 +936,6 @@ static void sb_gemm_pop2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, floa
     sb_gemm_drive(pop2_tile, contrib_avx2, rowsum_avx2, 8, w, act, y, ldy, r0, r1);
 }
 
-const pbs2p_kernels pbs2p_kernels_avx2 = {"avx2", sb_gemm_pop2, sb_sums_pop2, q8_gemm_avx2};
+const pbs2p_kernels pbs2p_kernels_avx2 = {"avx2", sb_gemm_pop2, sb_sums_pop2, q8_gemm_avx2, q4_gemm_avx2};
 
 #endif

@@ -66,6 +66,11 @@ void pbs2p_q8_quantize_ref(pbs2p_q8_act *act, const float *x, int32_t K, int32_t
 typedef void (*pbs2p_q8_gemm_fn)(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
                                  int32_t r0, int32_t r1);
 
+/* Q4_0 (ggml layout: f16 d + 16 bytes; element j < 16 is the low nibble of byte j, element j + 16 its high
+ * nibble; value d·(nibble − 8)) × the same Q8_0-quantized activations: y[t][r] = Σ_blocks d_w · d_x ·
+ * Σ (nibble − 8)·q_x, blocks ascending — the Q8_0 kernel's contract with 18-byte blocks. */
+typedef pbs2p_q8_gemm_fn pbs2p_q4_gemm_fn;
+
 /* Same contract and bit-identical output as pbs2p_sb_quantize_ref. */
 typedef void (*pbs2p_sb_quantize_fn)(pbs2p_sb_act *act, const float *x, int32_t K, int32_t t0, int32_t t1);
 
@@ -74,6 +79,7 @@ typedef struct pbs2p_kernels {
     pbs2p_sb_gemm_fn sb_gemm;
     pbs2p_sb_sums_fn sb_sums;
     pbs2p_q8_gemm_fn q8_gemm;
+    pbs2p_q4_gemm_fn q4_gemm;
 } pbs2p_kernels;
 
 /* The activation quantizer to pair with table k: a SIMD one where this build and CPU have it, else
@@ -88,6 +94,8 @@ void pbs2p_sb_gemm_ref(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float 
                        int32_t r0, int32_t r1);
 void pbs2p_sb_sums_ref(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums, int32_t r0, int32_t r1);
 void pbs2p_q8_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
+                       int32_t r0, int32_t r1);
+void pbs2p_q4_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
                        int32_t r0, int32_t r1);
 extern const pbs2p_kernels pbs2p_kernels_ref;
 

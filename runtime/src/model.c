@@ -99,8 +99,9 @@ static pbs2p_status bind_emb(const pbs2p_model *m, const char *name, int64_t row
     memset(e, 0, sizeof *e);
     const gguf_tensor *t = find_tensor(m, name);
     if (!t) return required ? PBS2P_FAIL(PBS2P_ERR_FORMAT, "missing tensor %s", name) : PBS2P_OK;
-    if (t->type != GGML_TYPE_Q8_0 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_F32)
-        return PBS2P_FAIL(PBS2P_ERR_UNSUPPORTED, "tensor %s has type %s (embeddings: Q8_0, F16 or F32)", name,
+    if (t->type != GGML_TYPE_Q8_0 && t->type != GGML_TYPE_Q4_0 && t->type != GGML_TYPE_F16 &&
+        t->type != GGML_TYPE_F32)
+        return PBS2P_FAIL(PBS2P_ERR_UNSUPPORTED, "tensor %s has type %s (embeddings: Q8_0, Q4_0, F16 or F32)", name,
                           type_name(t->type));
     pbs2p_status st = check_shape(t, 2, rows, cols, 0);
     if (st) return st;
@@ -108,9 +109,12 @@ static pbs2p_status bind_emb(const pbs2p_model *m, const char *name, int64_t row
     e->n_rows = (int32_t)rows;
     e->n_cols = (int32_t)cols;
     e->data = t->data;
-    e->row_bytes = t->type == GGML_TYPE_Q8_0 ? (uint64_t)cols / 32 * 34 : (uint64_t)cols * (t->type == GGML_TYPE_F16 ? 2 : 4);
-    if (t->type == GGML_TYPE_Q8_0 && cols % 32 != 0)
-        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s: Q8_0 needs a row length multiple of 32, got %lld", name, (long long)cols);
+    const int quant = t->type == GGML_TYPE_Q8_0 || t->type == GGML_TYPE_Q4_0;
+    if (quant && cols % 32 != 0)
+        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s: %s needs a row length multiple of 32, got %lld", name,
+                          type_name(t->type), (long long)cols);
+    e->row_bytes = quant ? (uint64_t)cols / 32 * (t->type == GGML_TYPE_Q8_0 ? 34 : 18)
+                         : (uint64_t)cols * (t->type == GGML_TYPE_F16 ? 2 : 4);
     return PBS2P_OK;
 }
 
@@ -806,6 +810,17 @@ static void emb_row(const pbs2p_emb *e, int32_t row, float *out) {
             memcpy(&h, p + 2 * i, 2);
             out[i] = pbs2p_fp16_to_fp32(h);
         }
+    } else if (e->type == GGML_TYPE_Q4_0) {
+        for (int32_t b = 0; b < e->n_cols / 32; b++) {
+            uint16_t dh;
+            memcpy(&dh, p + 18 * b, 2);
+            const float d = pbs2p_fp16_to_fp32(dh);
+            const uint8_t *q = p + 18 * b + 2;
+            for (int j = 0; j < 16; j++) {
+                out[b * 32 + j] = d * (float)((int32_t)(q[j] & 15) - 8);
+                out[b * 32 + j + 16] = d * (float)((int32_t)(q[j] >> 4) - 8);
+            }
+        }
     } else {
         for (int32_t b = 0; b < e->n_cols / 32; b++) {
             uint16_t dh;
@@ -917,9 +932,10 @@ static void head_fn(void *arg, int32_t ith, int32_t nth) {
     int32_t r0, r1;
     range_split(V, ith, nth, &r0, &r1);
     if (r0 >= r1) return;
-    if (e->type == GGML_TYPE_Q8_0) {
+    if (e->type == GGML_TYPE_Q8_0 || e->type == GGML_TYPE_Q4_0) {
         pbs2p_q8_act a = {.n_tok = t->n_tok, .n_blocks = E / 32, .q = t->ctx->q8_q, .d = t->ctx->q8_d};
-        t->ctx->kern->q8_gemm(e->data, E, &a, t->logits, V, r0, r1);
+        (e->type == GGML_TYPE_Q8_0 ? t->ctx->kern->q8_gemm : t->ctx->kern->q4_gemm)(e->data, E, &a, t->logits, V,
+                                                                                    r0, r1);
     } else {
         for (int32_t r = r0; r < r1; r++)
             for (int32_t i = 0; i < t->n_tok; i++) {
@@ -999,7 +1015,7 @@ static pbs2p_status forward_batch(pbs2p_ctx *ctx, const int32_t *tokens, int32_t
         const int32_t first = n_tok - n_out;
         for (int32_t i = 0; i < n_out; i++)
             norm(m, ctx->xb + (size_t)i * E, ctx->x + (size_t)(first + i) * E, m->out_norm, m->out_norm_b);
-        if (m->output.type == GGML_TYPE_Q8_0) q8_quantize(ctx, ctx->xb, E, n_out);
+        if (m->output.type == GGML_TYPE_Q8_0 || m->output.type == GGML_TYPE_Q4_0) q8_quantize(ctx, ctx->xb, E, n_out);
         head_task ht = {ctx, ctx->xb, logits, n_out};
         pbs2p_pool_run(ctx->pool, head_fn, &ht);
     }

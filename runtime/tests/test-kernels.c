@@ -138,13 +138,15 @@ static void test_sb(int32_t K, int32_t R, int32_t n_tok, int32_t bs, int32_t M, 
     free_weight(&c);
 }
 
-static void test_q8(int32_t K, int32_t R, int32_t n_tok) {
+/* Q8_0 (q4 = 0) or Q4_0 (q4 = 1) weights × Q8_0 activations: every SIMD table equals the reference. */
+static void test_q8(int32_t K, int32_t R, int32_t n_tok, int q4) {
     const int32_t nb = K / 32;
-    uint8_t *w = xalloc((size_t)R * nb * 34);
+    const size_t bytes = q4 ? 18 : 34;
+    uint8_t *w = xalloc((size_t)R * nb * bytes);
     for (size_t b = 0; b < (size_t)R * nb; b++) {
         uint16_t d = rand_f16();
-        memcpy(w + b * 34, &d, 2);
-        for (int j = 0; j < 32; j++) w[b * 34 + 2 + j] = (uint8_t)rng(); /* includes -128 */
+        memcpy(w + b * bytes, &d, 2);
+        for (size_t j = 2; j < bytes; j++) w[b * bytes + j] = (uint8_t)rng(); /* includes -128 / every nibble */
     }
     float *x = make_x(n_tok, K, 32);
     pbs2p_q8_act act = {n_tok, nb, xalloc((size_t)n_tok * K), xalloc((size_t)n_tok * nb * 4)};
@@ -153,14 +155,14 @@ static void test_q8(int32_t K, int32_t R, int32_t n_tok) {
     const size_t n_y = (size_t)n_tok * (R + 1);
     float *y_ref = xalloc(n_y * 4), *y_k = xalloc(n_y * 4);
     memset(y_ref, 0x7f, n_y * 4);
-    pbs2p_q8_gemm_ref(w, K, &act, y_ref, R + 1, r0, r1);
+    (q4 ? pbs2p_q4_gemm_ref : pbs2p_q8_gemm_ref)(w, K, &act, y_ref, R + 1, r0, r1);
     for (int k = 0; k < N_SIMD; k++) {
         const pbs2p_kernels *kern = pbs2p_kernels_find(simd_names[k]);
         if (kern == NULL) continue;
         memset(y_k, 0x7f, n_y * 4);
-        kern->q8_gemm(w, K, &act, y_k, R + 1, r0, r1);
-        CHECK(memcmp(y_ref, y_k, n_y * 4) == 0, "%s q8_gemm K=%d R=%d [%d,%d) n_tok=%d", kern->name, K, R, r0, r1,
-              n_tok);
+        (q4 ? kern->q4_gemm : kern->q8_gemm)(w, K, &act, y_k, R + 1, r0, r1);
+        CHECK(memcmp(y_ref, y_k, n_y * 4) == 0, "%s %s_gemm K=%d R=%d [%d,%d) n_tok=%d", kern->name,
+              q4 ? "q4" : "q8", K, R, r0, r1, n_tok);
     }
     free(y_ref);
     free(y_k);
@@ -339,9 +341,11 @@ int main(void) {
     for (int ki = 0; ki < 4; ki++)
         for (int ri = 0; ri < 5; ri++, idx++) {
             if (quick && ri % 2) continue;
-            test_q8(Kq[ki], rows[ri], toks[idx % 4]);
+            test_q8(Kq[ki], rows[ri], toks[idx % 4], 0);
+            test_q8(Kq[ki], rows[ri], toks[(idx + 1) % 4], 1);
         }
-    test_q8(576, 65, 9);
+    test_q8(576, 65, 9, 0);
+    test_q8(576, 65, 9, 1);
 
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
