@@ -88,10 +88,11 @@ def smollm2(out: Path, convert: Path) -> None:
         cfg.pop("quantization_config", None)  # {"quant_method": "gguf"}: convert_hf_to_gguf.py would refuse it
         (hf / "config.json").write_text(json.dumps(cfg, indent=2))
     llama_chain(hf, out, "smollm2", convert)
-    pb = out / "smollm2-sign68.pbs2p"
-    if not pb.exists():
-        run([sys.executable, "-m", "pbs2p.exporter.cli", "--method", "sign", "--nm", "6:8", "--nsamples", "2",
-             "--seqlen", "64", "-q", "--out", str(pb)])
+    for name, emb in [("smollm2-sign68.pbs2p", "q8_0"), ("smollm2-sign68-q4head.pbs2p", "q4_0")]:
+        pb = out / name
+        if not pb.exists():
+            run([sys.executable, "-m", "pbs2p.exporter.cli", "--method", "sign", "--nm", "6:8", "--nsamples", "2",
+                 "--seqlen", "64", "--embed-type", emb, "-q", "--out", str(pb)])
 
 
 def rand1b(out: Path, convert: Path) -> None:
@@ -108,9 +109,10 @@ def rand1b(out: Path, convert: Path) -> None:
         model.save_pretrained(hf)
         tok.save_pretrained(hf)
     llama_chain(hf, out, "rand1b", convert)
-    pb = out / "rand1b-sign68.pbs2p"
-    if not pb.exists():
-        write_random_pbs2p(pb, len_vocab(hf))
+    for name, emb in [("rand1b-sign68.pbs2p", "Q8_0"), ("rand1b-sign68-q4head.pbs2p", "Q4_0")]:
+        pb = out / name
+        if not pb.exists():
+            write_random_pbs2p(pb, len_vocab(hf), head=emb)
 
 
 def len_vocab(hf: Path) -> int:
@@ -119,9 +121,9 @@ def len_vocab(hf: Path) -> int:
     return int(json.loads((hf / "config.json").read_text())["vocab_size"])
 
 
-def write_random_pbs2p(path: Path, n_vocab: int, c: dict | None = None) -> None:
+def write_random_pbs2p(path: Path, n_vocab: int, c: dict | None = None, head: str = "Q8_0") -> None:
     """A 6:8 sparse-binary Llama with random planes: per group of 8 columns exactly 6 kept (one of the 28
-    patterns), random signs; α, μ random f16; Q8_0 embeddings (tied head); SmolLM2's tokenizer keys."""
+    patterns), random signs; α, μ random f16; Q8_0 (or `head`) embeddings (tied head); SmolLM2's tokenizer keys."""
     from pbs2p import format as fmt
     from pbs2p.exporter import tokmeta
 
@@ -160,7 +162,7 @@ def write_random_pbs2p(path: Path, n_vocab: int, c: dict | None = None) -> None:
         for k, v, t in kv:
             w.add_kv(k, v, t)
         w.add_dense("token_embd.weight", rng.standard_normal((n_vocab, E), dtype=np.float32) * 0.02,
-                    fmt.GGMLType.Q8_0)
+                    fmt.GGMLType[head])
         w.add_dense("output_norm.weight", np.ones(E, np.float32))
         for i in range(L):
             w.add_dense(f"blk.{i}.attn_norm.weight", np.ones(E, np.float32))

@@ -65,6 +65,9 @@ def configs(models: Path, sets: list[str], threads: list[int], pbs2p_files: dict
     out = []
     for s in sets:
         files = [("pbs2p", "6:8 sign", Path(pbs2p_files.get(s, models / f"{s}-sign68.pbs2p")))]
+        q4 = models / f"{s}-sign68-q4head.pbs2p"  # the same layers, Q4_0 embedding/head (make_models.py)
+        if q4.exists() and s not in pbs2p_files:
+            files.append(("pbs2p", "6:8 sign, Q4_0 head", q4))
         files += [("llama.cpp", t, models / f"{s}-{t}.gguf") for t in LLAMA_TYPES]
         for engine, typ, f in files:
             if not f.exists():

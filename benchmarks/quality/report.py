@@ -1,0 +1,123 @@
+"""Tables (markdown, stdout) and a plot from the JSON lines of benchmarks/quality/run.py.
+
+    python benchmarks/quality/report.py benchmarks/results/quality-qwen2.5-coder-0.5b.jsonl \
+        --png benchmarks/results/quality-qwen2.5-coder-0.5b.png
+
+(matplotlib for --png; it is not a project dependency.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+METHODS = ["sign", "billm", "arb", "stbllm", "pbs2p"]
+SPARSITY = ["dense", "6:8", "5:8", "4:8"]
+
+
+def fmt_ppl(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.4g}" if x < 1e5 else f"{x:.2e}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("jsonl")
+    ap.add_argument("--png", default=None)
+    a = ap.parse_args()
+    rows = [json.loads(s) for s in Path(a.jsonl).read_text().splitlines() if s.strip()]
+    by = {r["config"]: r for r in rows}
+    fp = by.get("fp")
+    first = rows[0]
+    print(f"Model `{first['model']}`; calibration: {next((r['calibration'] for r in rows), '')}; "
+          f"evaluation: {first['eval']}; {first['machine']}.\n")
+    if fp:
+        print(f"FP (the GGUF's weights, dequantized): PPL **{fp['ppl']:.2f}** ({fp['tokens_scored']} tokens).\n")
+
+    print("### Perplexity (PyTorch, the file's weights; int8 activations through the C runtime in brackets)\n")
+    print("| method | " + " | ".join(SPARSITY) + " |")
+    print("|---|" + "---|" * len(SPARSITY))
+    for m in METHODS:
+        cells = []
+        for s in SPARSITY:
+            r = by.get(f"{m}@{s}")
+            if r is None:
+                cells.append("—")
+                continue
+            c = fmt_ppl(r["ppl"])
+            if "runtime_ppl" in r:
+                c += f" [{fmt_ppl(r['runtime_ppl'])}]"
+            cells.append(c)
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    print()
+    print("PBS²P vs the best baseline at each sparsity (lower is better; ratio = best baseline / PBS²P):\n")
+    print("| sparsity | PBS²P | best baseline | ratio |")
+    print("|---|---|---|---|")
+    for s in SPARSITY:
+        p = by.get(f"pbs2p@{s}")
+        base = [(by[f"{m}@{s}"]["ppl"], m) for m in METHODS[:-1] if f"{m}@{s}" in by]
+        if p and base:
+            b, bm = min(base)
+            print(f"| {s} | {fmt_ppl(p['ppl'])} | {bm} {fmt_ppl(b)} | {b / p['ppl']:.2f}× |")
+    print()
+
+    print("### Every run: size, time, layer error\n")
+    print("| config | PPL | runtime PPL | storage bpw (file bytes) | param bits | file MB | mean layer out-err | "
+          "last block err | export s | eval s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["config"] == "fp":
+            continue
+        print(f"| `{r['config']}` | {fmt_ppl(r['ppl'])} | {fmt_ppl(r.get('runtime_ppl'))} | {r['storage_bpw']:.3f} | "
+              f"{r['param_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {r['mean_layer_out_err']:.4f} | "
+              f"{r['last_block_err']} | {r['export_s']:.0f} | {r['eval_s']:.0f} |")
+    print()
+
+    abl = [r for r in rows if r.get("method") == "pbs2p" and r.get("flags")]
+    if abl:
+        print("### Ablations (PBS²P, same calibration and evaluation)\n")
+        print("| config | what changes | PPL | mean layer out-err |")
+        print("|---|---|---|---|")
+        what = {"nocoarse": "no CFS coarse stage (uniform N)", "magnitude": "magnitude score instead of OBS",
+                "steps1": "τ = 1 (one-shot prune, then binarize)", "steps0": "static mask (no SPBO)"}
+        for base in sorted({r["nm"] for r in abl}):
+            ref = by.get(f"pbs2p@{base}")
+            if ref:
+                print(f"| `pbs2p@{base}` | full method | {fmt_ppl(ref['ppl'])} | {ref['mean_layer_out_err']:.4f} |")
+            for r in abl:
+                if r["nm"] == base:
+                    print(f"| `{r['config']}` | {', '.join(what.get(f, f) for f in r['flags'])} | "
+                          f"{fmt_ppl(r['ppl'])} | {r['mean_layer_out_err']:.4f} |")
+        print()
+
+    if a.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        width = 0.16
+        for i, m in enumerate(METHODS):
+            xs, ys = [], []
+            for j, s in enumerate(SPARSITY):
+                r = by.get(f"{m}@{s}")
+                if r:
+                    xs.append(j + (i - 2) * width)
+                    ys.append(r["ppl"])
+            ax.bar(xs, ys, width, label=m)
+        if fp:
+            ax.axhline(fp["ppl"], color="k", ls="--", lw=1, label=f"FP {fp['ppl']:.1f}")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(SPARSITY)), SPARSITY)
+        ax.set_ylabel("WikiText-2 perplexity (log)")
+        ax.set_title(f"1-bit methods on {first['model']}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(a.png, dpi=110)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
