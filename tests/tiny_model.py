@@ -166,6 +166,8 @@ def write_tiny_model(path: str | os.PathLike[str], arch: str = "llama", seed: in
     def emb(name: str, x: np.ndarray) -> np.ndarray:
         if emb_type == fmt.GGMLType.Q8_0:
             return fmt.dequantize_q8_0(fmt.quantize_q8_0(x), x.shape[1])
+        if emb_type == fmt.GGMLType.Q4_0:
+            return fmt.dequantize_q4_0(fmt.quantize_q4_0(x), x.shape[1])
         return x.astype(np.float16).astype(np.float32) if emb_type == fmt.GGMLType.F16 else x
 
     with fmt.ModelWriter(path, arch, overwrite=overwrite) as w:

@@ -415,6 +415,9 @@ def main(argv: list[str]) -> int:
                                                    small_byte_level_kv("gpt2"), seed=2, tied=False,
                                                    emb_type=fmt.GGMLType.F16),
         "small-spm": write_small_model(out / "valid" / "small-spm.gguf", spm_kv(20, range(0x20, 0x40)), seed=3),
+        "small-gpt2-untied-q4": write_small_model(out / "valid" / "small-gpt2-untied-q4.gguf",
+                                                  small_byte_level_kv("gpt2"), seed=4, tied=False,
+                                                  emb_type=fmt.GGMLType.Q4_0),
     }
     n = 0
 
