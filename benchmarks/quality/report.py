@@ -21,6 +21,10 @@ def fmt_ppl(x: float | None) -> str:
     return f"{x:.4g}" if x < 1e5 else f"{x:.2e}"
 
 
+def num(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("jsonl")
@@ -70,8 +74,8 @@ def main() -> int:
         if r["config"] == "fp":
             continue
         print(f"| `{r['config']}` | {fmt_ppl(r['ppl'])} | {fmt_ppl(r.get('runtime_ppl'))} | {r['storage_bpw']:.3f} | "
-              f"{r['param_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {r['mean_layer_out_err']:.4f} | "
-              f"{r['last_block_err']} | {r['export_s']:.0f} | {r['eval_s']:.0f} |")
+              f"{r['param_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {num(r['mean_layer_out_err'], '.4f')} | "
+              f"{num(r['last_block_err'], '.4f')} | {num(r['export_s'], '.0f')} | {r['eval_s']:.0f} |")
     print()
 
     abl = [r for r in rows if r.get("method") == "pbs2p" and r.get("flags")]
@@ -84,11 +88,11 @@ def main() -> int:
         for base in sorted({r["nm"] for r in abl}):
             ref = by.get(f"pbs2p@{base}")
             if ref:
-                print(f"| `pbs2p@{base}` | full method | {fmt_ppl(ref['ppl'])} | {ref['mean_layer_out_err']:.4f} |")
+                print(f"| `pbs2p@{base}` | full method | {fmt_ppl(ref['ppl'])} | {num(ref['mean_layer_out_err'], '.4f')} |")
             for r in abl:
                 if r["nm"] == base:
                     print(f"| `{r['config']}` | {', '.join(what.get(f, f) for f in r['flags'])} | "
-                          f"{fmt_ppl(r['ppl'])} | {r['mean_layer_out_err']:.4f} |")
+                          f"{fmt_ppl(r['ppl'])} | {num(r['mean_layer_out_err'], '.4f')} |")
         print()
 
     if a.png:

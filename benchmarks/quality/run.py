@@ -80,6 +80,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch (and runtime) threads")
     ap.add_argument("--runtime", action="store_true", help="also score the written file with the C runtime")
     ap.add_argument("--keep", default=None, help="folder to keep the written files in (default: deleted)")
+    ap.add_argument("--reuse", action="store_true", help="score a config's file already in --keep instead of exporting")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     for p in (WIKI, Path(a.calib)):
@@ -106,17 +107,19 @@ def main() -> int:
     loaded = models.load(a.model)
     load_s = time.time() - t
     model = loaded.model
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # the original weights, restored before each config, kept on disk (mmap) rather than as a second copy in RAM
+    keep = Path(a.keep) if a.keep else out.parent
+    keep.mkdir(parents=True, exist_ok=True)
+    orig_path = keep / f".{Path(a.model).stem}.original.pt"
+    torch.save(model.state_dict(), orig_path)
     ids = torch.tensor(loaded.tokenizer(WIKI.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
     torch.manual_seed(a.seed)
     windows, desc = calib.get_windows(str(a.calib), model, loaded.tokenizer, a.nsamples, a.seqlen, a.seed, False)
     machine = f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"loaded {a.model} in {load_s:.0f} s; calibration: {desc}; {len(todo)} configs to run", flush=True)
-    keep = Path(a.keep) if a.keep else out.parent
-    keep.mkdir(parents=True, exist_ok=True)
 
     for c in todo:
-        model.load_state_dict(original)
+        model.load_state_dict(torch.load(orig_path, mmap=True, weights_only=True))
         rec = {"config": c["name"], "model": Path(a.model).name, "calibration": desc,
                "eval": f"WikiText-2 test, first {a.eval_windows} windows x {a.eval_seqlen}", "machine": machine}
         t0 = time.time()
@@ -126,6 +129,23 @@ def main() -> int:
         else:
             cfg = export_config(c, a)
             fpath = keep / f"{Path(a.model).stem}.{c['name'].replace('@', '-').replace(':', '_').replace('+', '-')}.bin"
+            if a.reuse and fpath.is_file():  # a file a killed run wrote: score it (export time unknown)
+                from pbs2p.exporter import fakequant
+
+                model = fakequant.load_fakequant(fpath)
+                stats = P.file_stats(fpath)
+                rec.update(method=c["method"], nm=c["nm"], flags=c["flags"], export_s=None, reused_file=True,
+                           file_bytes=stats["file_bytes"], storage_bpw=round(stats["storage_bpw"], 4),
+                           file_bpw=round(stats["file_bpw"], 4), param_bits=round(stats["param_bits"], 4),
+                           mean_layer_out_err=None, nm_n=None, last_block_err=None)
+                t1 = time.time()
+                ppl, n, _ = E.perplexity(model, ids, a.eval_seqlen, a.eval_windows, not a.quiet, "cpu", c["name"])
+                rec.update(ppl=ppl, tokens_scored=n, eval_s=round(time.time() - t1, 1))
+                model = loaded.model
+                with out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(json.dumps(rec), flush=True)
+                continue
             comp, stats = P.export(None, fpath, cfg, force=True, loaded=loaded)
             oerr = [r.oerr for r in comp.records]
             rec.update(method=c["method"], nm=c["nm"], flags=c["flags"], export_s=round(time.time() - t0, 1),
