@@ -84,7 +84,8 @@ def main() -> int:
         print("| config | what changes | PPL | mean layer out-err |")
         print("|---|---|---|---|")
         what = {"nocoarse": "no CFS coarse stage (uniform N)", "magnitude": "magnitude score instead of OBS",
-                "steps1": "τ = 1 (one-shot prune, then binarize)", "steps0": "static mask (no SPBO)"}
+                "steps1": "τ = 1 (SPBO in one step: prune M−N per group against the binary fit, refit)",
+                "steps0": "static mask (prune by OBS score first, then binarize: no SPBO)"}
         for base in sorted({r["nm"] for r in abl}):
             ref = by.get(f"pbs2p@{base}")
             if ref:
