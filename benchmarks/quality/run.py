@@ -51,7 +51,7 @@ def export_config(c: dict, a: argparse.Namespace):
     from pbs2p.exporter import pipeline as P
 
     cfg = P.ExportConfig(method=c["method"], nm=P.parse_nm(c["nm"]), calib=str(a.calib), nsamples=a.nsamples,
-                         seqlen=a.seqlen, seed=a.seed, progress=not a.quiet)
+                         seqlen=a.seqlen, seed=a.seed, progress=not a.quiet, device=a.device)
     for f in c["flags"]:
         if f == "nocoarse":
             cfg.coarse = False
@@ -78,6 +78,7 @@ def main() -> int:
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None, help="torch (and runtime) threads")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the export and the PyTorch scoring run")
     ap.add_argument("--runtime", action="store_true", help="also score the written file with the C runtime")
     ap.add_argument("--keep", default=None, help="folder to keep the written files in (default: deleted)")
     ap.add_argument("--reuse", action="store_true", help="score a config's file already in --keep instead of exporting")
@@ -125,6 +126,7 @@ def main() -> int:
         t0 = time.time()
         fpath = None
         if c["method"] == "fp":
+            model.to(a.device)
             rec.update(method="fp", nm="-", flags=[])
         else:
             cfg = export_config(c, a)
@@ -132,14 +134,14 @@ def main() -> int:
             if a.reuse and fpath.is_file():  # a file a killed run wrote: score it (export time unknown)
                 from pbs2p.exporter import fakequant
 
-                model = fakequant.load_fakequant(fpath)
+                model = fakequant.load_fakequant(fpath, device=a.device)
                 stats = P.file_stats(fpath)
                 rec.update(method=c["method"], nm=c["nm"], flags=c["flags"], export_s=None, reused_file=True,
                            file_bytes=stats["file_bytes"], storage_bpw=round(stats["storage_bpw"], 4),
                            file_bpw=round(stats["file_bpw"], 4), param_bits=round(stats["param_bits"], 4),
                            mean_layer_out_err=None, nm_n=None, last_block_err=None)
                 t1 = time.time()
-                ppl, n, _ = E.perplexity(model, ids, a.eval_seqlen, a.eval_windows, not a.quiet, "cpu", c["name"])
+                ppl, n, _ = E.perplexity(model, ids, a.eval_seqlen, a.eval_windows, not a.quiet, a.device, c["name"])
                 rec.update(ppl=ppl, tokens_scored=n, eval_s=round(time.time() - t1, 1))
                 model = loaded.model
                 with out.open("a") as f:
@@ -154,7 +156,7 @@ def main() -> int:
                        mean_layer_out_err=round(sum(oerr) / len(oerr), 5), nm_n=comp.nm_n,
                        last_block_err=round(comp.block_err[-1], 4) if comp.block_err else None)
         t1 = time.time()
-        ppl, n, _ = E.perplexity(model, ids, a.eval_seqlen, a.eval_windows, not a.quiet, "cpu", c["name"])
+        ppl, n, _ = E.perplexity(model, ids, a.eval_seqlen, a.eval_windows, not a.quiet, a.device, c["name"])
         rec.update(ppl=ppl, tokens_scored=n, eval_s=round(time.time() - t1, 1))
         if a.runtime and fpath is not None:
             from pbs2p.runtime import Runtime
