@@ -365,10 +365,16 @@ def test_interrupt_between_tokens_keeps_runtime_usable(rt, monkeypatch):
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_real_sigint_during_generate(rt):
     expected = rt.generate(PROMPT, max_tokens=30, temperature=0)
-    with pytest.raises(KeyboardInterrupt):
-        for i, _ in enumerate(rt.generate(PROMPT, max_tokens=200, temperature=0, stream=True)):
-            if i == 2:
-                os.kill(os.getpid(), signal.SIGINT)
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler (seen when CI was launched with `&`): install Python's default here.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for i, _ in enumerate(rt.generate(PROMPT, max_tokens=200, temperature=0, stream=True)):
+                if i == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert _kv_consistent(rt)
     assert rt.generate(PROMPT, max_tokens=30, temperature=0) == expected
 
