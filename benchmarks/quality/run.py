@@ -72,6 +72,7 @@ def main() -> int:
     ap.add_argument("--configs", required=True, help="comma-separated configs (see the module docstring)")
     ap.add_argument("--out", required=True, help="JSON-lines results file (appended)")
     ap.add_argument("--calib", default=str(C4))
+    ap.add_argument("--wiki", default=str(WIKI), help="the WikiText-2 test file scored")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
@@ -81,10 +82,15 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the export and the PyTorch scoring run")
     ap.add_argument("--runtime", action="store_true", help="also score the written file with the C runtime")
     ap.add_argument("--keep", default=None, help="folder to keep the written files in (default: deleted)")
+    ap.add_argument("--scratch", default=None,
+                    help="folder for the original-weights copy and the files not kept (default: --keep, else --out's)")
+    ap.add_argument("--original", choices=("disk", "device"), default="disk",
+                    help="where the original weights wait between configs: a file in --scratch (mmap) or a copy on --device")
     ap.add_argument("--reuse", action="store_true", help="score a config's file already in --keep instead of exporting")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
-    for p in (WIKI, Path(a.calib)):
+    wiki = Path(a.wiki)
+    for p in (wiki, Path(a.calib)):
         if not p.is_file():
             print(f"skipped: {p} is missing (the benchmark needs ../shared/data beside the repository)")
             return 0
@@ -104,23 +110,32 @@ def main() -> int:
     from pbs2p.exporter import eval as E
     from pbs2p.exporter import pipeline as P
 
+    a.device = str(P.pick_device(a.device))  # cuda asked for but absent: a warning, then the CPU
     t = time.time()
     loaded = models.load(a.model)
     load_s = time.time() - t
     model = loaded.model
-    # the original weights, restored before each config, kept on disk (mmap) rather than as a second copy in RAM
-    keep = Path(a.keep) if a.keep else out.parent
+    # the original weights, restored before each config: a file (mmap) rather than a second copy in RAM, or, with
+    # --original device, a copy in GPU memory (several shards then share one GPU without writing 7 GB files each)
+    keep = Path(a.keep) if a.keep else Path(a.scratch) if a.scratch else out.parent
     keep.mkdir(parents=True, exist_ok=True)
-    orig_path = keep / f".{Path(a.model).stem}.original.pt"
-    torch.save(model.state_dict(), orig_path)
-    ids = torch.tensor(loaded.tokenizer(WIKI.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    scratch = Path(a.scratch) if a.scratch else keep
+    scratch.mkdir(parents=True, exist_ok=True)
+    orig_path = scratch / f".{Path(a.model).stem}.original.pt"
+    if a.original == "device":
+        orig = {k: v.detach().to(a.device, copy=True) for k, v in model.state_dict().items()}
+    else:
+        torch.save(model.state_dict(), orig_path)
+    ids = torch.tensor(loaded.tokenizer(wiki.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
     torch.manual_seed(a.seed)
     windows, desc = calib.get_windows(str(a.calib), model, loaded.tokenizer, a.nsamples, a.seqlen, a.seed, False)
     machine = f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if a.device.startswith("cuda") and torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
     print(f"loaded {a.model} in {load_s:.0f} s; calibration: {desc}; {len(todo)} configs to run", flush=True)
 
     for c in todo:
-        model.load_state_dict(torch.load(orig_path, mmap=True, weights_only=True))
+        model.load_state_dict(orig if a.original == "device" else torch.load(orig_path, mmap=True, weights_only=True))
         rec = {"config": c["name"], "model": Path(a.model).name, "calibration": desc,
                "eval": f"WikiText-2 test, first {a.eval_windows} windows x {a.eval_seqlen}", "machine": machine}
         t0 = time.time()
@@ -163,7 +178,7 @@ def main() -> int:
 
             t2 = time.time()
             with Runtime(str(fpath), threads=a.threads, context_length=a.eval_seqlen) as rt:
-                rec["runtime_ppl"] = rt.perplexity(WIKI, a.eval_seqlen, max_windows=a.eval_windows, progress=False)
+                rec["runtime_ppl"] = rt.perplexity(wiki, a.eval_seqlen, max_windows=a.eval_windows, progress=False)
             rec["runtime_eval_s"] = round(time.time() - t2, 1)
         if fpath is not None and not a.keep:
             fpath.unlink()
