@@ -153,22 +153,40 @@ void pbs2p_q8_quantize_ref(pbs2p_q8_act *act, const float *x, int32_t K, int32_t
                            &act->d[(size_t)t * nb + b]);
 }
 
+/* Integer dot product of one weight block's payload with 32 int8 activations. */
+typedef int32_t (*block_dot_fn)(const uint8_t *payload, const int8_t *x);
+
 /* ggml Q8_0 block: f16 d, then 32 int8 (34 bytes). */
-void pbs2p_q8_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
-                       int32_t r0, int32_t r1) {
+static int32_t q8_block_dot(const uint8_t *payload, const int8_t *x) {
+    const int8_t *wq = (const int8_t *)payload;
+    int32_t s = 0;
+    for (int j = 0; j < 32; j++) s += (int32_t)wq[j] * (int32_t)x[j];
+    return s;
+}
+
+/* ggml Q4_0 block: f16 d, then 16 bytes: element j < 16 = low nibble of byte j, element j + 16 = high nibble. */
+static int32_t q4_block_dot(const uint8_t *qs, const int8_t *x) {
+    int32_t s = 0;
+    for (int j = 0; j < 16; j++)
+        s += ((int32_t)(qs[j] & 15) - 8) * (int32_t)x[j] + ((int32_t)(qs[j] >> 4) - 8) * (int32_t)x[j + 16];
+    return s;
+}
+
+/* y[t, r] = Σ_b f16(d_w[r, b])·d_x[t, b] · dot_b, summed over blocks in order, for rows of `bytes`-byte blocks
+   (a 2-byte f16 scale, then the payload). The SIMD kernels reproduce this float order exactly. */
+static void q_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy, int32_t r0,
+                       int32_t r1, int32_t bytes, block_dot_fn dot) {
     const int32_t nb = K / 32;
     for (int32_t t = 0; t < act->n_tok; t++) {
         const int8_t *xq = act->q + (size_t)t * K;
         const float *xd = act->d + (size_t)t * nb;
         for (int32_t r = r0; r < r1; r++) {
-            const uint8_t *row = w + (size_t)r * nb * 34;
+            const uint8_t *row = w + (size_t)r * nb * bytes;
             float acc = 0.0f;
             for (int32_t b = 0; b < nb; b++) {
                 uint16_t dh;
-                memcpy(&dh, row + b * 34, 2);
-                const int8_t *wq = (const int8_t *)(row + b * 34 + 2);
-                int32_t s = 0;
-                for (int j = 0; j < 32; j++) s += (int32_t)wq[j] * (int32_t)xq[b * 32 + j];
+                memcpy(&dh, row + b * bytes, 2);
+                const int32_t s = dot(row + b * bytes + 2, xq + b * 32);
                 float dd = pbs2p_fp16_to_fp32(dh) * xd[b];
                 float c = dd * (float)s;
                 acc = acc + c;
@@ -178,31 +196,14 @@ void pbs2p_q8_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, flo
     }
 }
 
-/* ggml Q4_0 block: f16 d, then 16 bytes: element j < 16 = low nibble of byte j, element j + 16 = high nibble. */
+void pbs2p_q8_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
+                       int32_t r0, int32_t r1) {
+    q_gemm_ref(w, K, act, y, ldy, r0, r1, 34, q8_block_dot);
+}
+
 void pbs2p_q4_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
                        int32_t r0, int32_t r1) {
-    const int32_t nb = K / 32;
-    for (int32_t t = 0; t < act->n_tok; t++) {
-        const int8_t *xq = act->q + (size_t)t * K;
-        const float *xd = act->d + (size_t)t * nb;
-        for (int32_t r = r0; r < r1; r++) {
-            const uint8_t *row = w + (size_t)r * nb * 18;
-            float acc = 0.0f;
-            for (int32_t b = 0; b < nb; b++) {
-                uint16_t dh;
-                memcpy(&dh, row + b * 18, 2);
-                const uint8_t *qs = row + b * 18 + 2;
-                const int8_t *x = xq + b * 32;
-                int32_t s = 0;
-                for (int j = 0; j < 16; j++)
-                    s += ((int32_t)(qs[j] & 15) - 8) * (int32_t)x[j] + ((int32_t)(qs[j] >> 4) - 8) * (int32_t)x[j + 16];
-                float dd = pbs2p_fp16_to_fp32(dh) * xd[b];
-                float c = dd * (float)s;
-                acc = acc + c;
-            }
-            y[t * ldy + r] = acc;
-        }
-    }
+    q_gemm_ref(w, K, act, y, ldy, r0, r1, 18, q4_block_dot);
 }
 
 const pbs2p_kernels pbs2p_kernels_ref = {"scalar", pbs2p_sb_gemm_ref, pbs2p_sb_sums_ref, pbs2p_q8_gemm_ref,
