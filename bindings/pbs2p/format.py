@@ -225,13 +225,18 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     return out.reshape(r, k // 32 * Q8_0_BYTES)
 
 
-def dequantize_q8_0(data: np.ndarray, k: int) -> np.ndarray:
+def _split_blocks(data: np.ndarray, k: int, nbytes: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows of ggml 32-element blocks of `nbytes` bytes (an f16 scale, then the payload) -> d float32
+    (R, K/32, 1), payload uint8 (R, K/32, nbytes - 2), R."""
     data = np.asarray(data, dtype=np.uint8)
-    r = data.size // (k // 32 * Q8_0_BYTES)
-    b = data.reshape(r, k // 32, Q8_0_BYTES)
-    d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
-    q = b[:, :, 2:].copy().view(np.int8).astype(np.float32)
-    return (q * d).reshape(r, k)
+    r = data.size // (k // 32 * nbytes)
+    b = data.reshape(r, k // 32, nbytes)
+    return b[:, :, :2].copy().view(np.float16).astype(np.float32), b[:, :, 2:], r
+
+
+def dequantize_q8_0(data: np.ndarray, k: int) -> np.ndarray:
+    d, qs, r = _split_blocks(data, k, Q8_0_BYTES)
+    return (qs.copy().view(np.int8).astype(np.float32) * d).reshape(r, k)
 
 
 def quantize_q4_0(x: np.ndarray) -> np.ndarray:
@@ -255,11 +260,7 @@ def quantize_q4_0(x: np.ndarray) -> np.ndarray:
 
 
 def dequantize_q4_0(data: np.ndarray, k: int) -> np.ndarray:
-    data = np.asarray(data, dtype=np.uint8)
-    r = data.size // (k // 32 * Q4_0_BYTES)
-    b = data.reshape(r, k // 32, Q4_0_BYTES)
-    d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
-    qs = b[:, :, 2:]
+    d, qs, r = _split_blocks(data, k, Q4_0_BYTES)
     q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32) - np.float32(8)
     return (q * d).reshape(r, k)
 
