@@ -139,37 +139,28 @@ def main() -> int:
         rec = {"config": c["name"], "model": Path(a.model).name, "calibration": desc,
                "eval": f"WikiText-2 test, first {a.eval_windows} windows x {a.eval_seqlen}", "machine": machine}
         t0 = time.time()
-        fpath = None
+        fpath, reused = None, False
         if c["method"] == "fp":
             model.to(a.device)
             rec.update(method="fp", nm="-", flags=[])
         else:
             cfg = export_config(c, a)
             fpath = keep / f"{Path(a.model).stem}.{c['name'].replace('@', '-').replace(':', '_').replace('+', '-')}.bin"
-            if a.reuse and fpath.is_file():  # a file a killed run wrote: score it (export time unknown)
+            reused = a.reuse and fpath.is_file()
+            if reused:  # a file a killed run wrote: score it (export time and layer errors unknown)
                 from pbs2p.exporter import fakequant
 
                 model = fakequant.load_fakequant(fpath, device=a.device)
                 stats = P.file_stats(fpath)
-                rec.update(method=c["method"], nm=c["nm"], flags=c["flags"], export_s=None, reused_file=True,
-                           file_bytes=stats["file_bytes"], storage_bpw=round(stats["storage_bpw"], 4),
-                           file_bpw=round(stats["file_bpw"], 4), param_bits=round(stats["param_bits"], 4),
-                           mean_layer_out_err=None, nm_n=None, last_block_err=None)
-                t1 = time.time()
-                ppl, n, _ = E.perplexity(model, ids, a.eval_seqlen, a.eval_windows, not a.quiet, a.device, c["name"])
-                rec.update(ppl=ppl, tokens_scored=n, eval_s=round(time.time() - t1, 1))
-                model = loaded.model
-                with out.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                print(json.dumps(rec), flush=True)
-                continue
-            comp, stats = P.export(None, fpath, cfg, force=True, loaded=loaded)
-            oerr = [r.oerr for r in comp.records]
-            rec.update(method=c["method"], nm=c["nm"], flags=c["flags"], export_s=round(time.time() - t0, 1),
-                       file_bytes=stats["file_bytes"], storage_bpw=round(stats["storage_bpw"], 4),
-                       file_bpw=round(stats["file_bpw"], 4), param_bits=round(stats["param_bits"], 4),
-                       mean_layer_out_err=round(sum(oerr) / len(oerr), 5), nm_n=comp.nm_n,
-                       last_block_err=round(comp.block_err[-1], 4) if comp.block_err else None)
+                rec.update(export_s=None, reused_file=True, mean_layer_out_err=None, nm_n=None, last_block_err=None)
+            else:
+                comp, stats = P.export(None, fpath, cfg, force=True, loaded=loaded)
+                oerr = [r.oerr for r in comp.records]
+                rec.update(export_s=round(time.time() - t0, 1), mean_layer_out_err=round(sum(oerr) / len(oerr), 5),
+                           nm_n=comp.nm_n, last_block_err=round(comp.block_err[-1], 4) if comp.block_err else None)
+            rec.update(method=c["method"], nm=c["nm"], flags=c["flags"], file_bytes=stats["file_bytes"],
+                       storage_bpw=round(stats["storage_bpw"], 4), file_bpw=round(stats["file_bpw"], 4),
+                       param_bits=round(stats["param_bits"], 4))
         t1 = time.time()
         ppl, n, _ = E.perplexity(model, ids, a.eval_seqlen, a.eval_windows, not a.quiet, a.device, c["name"])
         rec.update(ppl=ppl, tokens_scored=n, eval_s=round(time.time() - t1, 1))
@@ -180,8 +171,9 @@ def main() -> int:
             with Runtime(str(fpath), threads=a.threads, context_length=a.eval_seqlen) as rt:
                 rec["runtime_ppl"] = rt.perplexity(wiki, a.eval_seqlen, max_windows=a.eval_windows, progress=False)
             rec["runtime_eval_s"] = round(time.time() - t2, 1)
-        if fpath is not None and not a.keep:
+        if fpath is not None and not a.keep and not reused:
             fpath.unlink()
+        model = loaded.model
         with out.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
