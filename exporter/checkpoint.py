@@ -64,20 +64,20 @@ def _atomic(path: Path, write) -> None:
 
 
 class Checkpoint:
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, fp: str = "") -> None:
         self.folder = Path(folder)
         self.meta: dict[str, Any] = {}
-        self.fp = ""  # the fingerprint of the export writing it (set before start())
+        self.fp = fp  # the fingerprint of the export writing it (fingerprint()); "" for one opened to resume
 
     # ---- writing ----------------------------------------------------------------------------------------------
-    def start(self, fp: str, windows: torch.Tensor | None, calibration: str, nm_n: list[int], n_blocks: int) -> None:
-        """Begin a fresh checkpoint (replacing any old one)."""
+    def start(self, windows: torch.Tensor | None, calibration: str, nm_n: list[int], n_blocks: int) -> None:
+        """Begin a fresh checkpoint (replacing any old one), stamped with self.fp."""
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
         if windows is not None:
             _atomic(self.folder / "windows.npy", lambda f: np.save(f, windows.to(torch.int64).numpy()))
-        self.meta = {"version": VERSION, "fingerprint": fp, "calibration": calibration, "nm_n": list(nm_n),
+        self.meta = {"version": VERSION, "fingerprint": self.fp, "calibration": calibration, "nm_n": list(nm_n),
                      "n_blocks": n_blocks, "done": 0, "records": [], "block_err": []}
         self._write_meta()
 

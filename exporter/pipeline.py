@@ -290,7 +290,7 @@ def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calib
         log("coarse stage: block cos " + " ".join(f"{c:.3f}" for c in cos_sum))
         log("coarse stage: N per block " + " ".join(map(str, nm_n)))
     if ckpt is not None and not resume:
-        ckpt.start(ckpt.fp, windows, calibration, nm_n, nl)
+        ckpt.start(windows, calibration, nm_n, nl)
 
     n_lin = len(fam.linears)
     bar = tqdm(total=nl * n_lin, initial=done * n_lin, desc="compress", unit="layer", disable=not cfg.progress,
@@ -496,7 +496,7 @@ def export(model_arg: str | None, out: str | Path, cfg: ExportConfig, force: boo
 
     cfg.validate()
     check_out(out, force)
-    ck = None
+    ck, fresh_ck = None, False
     if resume:
         if not cfg.checkpoint:
             raise ExportError("--resume needs a checkpoint folder (it cannot be combined with --no-checkpoint)")
@@ -505,23 +505,23 @@ def export(model_arg: str | None, out: str | Path, cfg: ExportConfig, force: boo
         if (Path(cfg.checkpoint) / "meta.json").exists() and not force:
             raise ExportError(f"{cfg.checkpoint}: an interrupted export left a checkpoint there; pass --resume "
                               "to continue it, or --force to start over")
-        ck = CK.Checkpoint(cfg.checkpoint)
+        fresh_ck = True  # made once the fingerprint (which needs the weights and windows) is known
     if loaded is None:
         A.family_of(models.load_config(model_arg))  # refuse unsupported architectures before loading weights
         loaded = models.load(model_arg)
-    A.family_of(loaded.model.config)
+    fam = A.family_of(loaded.model.config)
     set_determinism(cfg.seed)
     windows, desc = None, "none"
     if ck is not None and resume:
         windows, desc = ck.windows(), ck.meta["calibration"]
-        ck.check(CK.fingerprint(cfg, loaded.model, windows), len(A.blocks(loaded.model, A.family_of(loaded.model.config))))
+        ck.check(CK.fingerprint(cfg, loaded.model, windows), len(A.blocks(loaded.model, fam)))
     elif cfg.method != "fp16":
         t = time.time()
         windows, desc = calib.get_windows(cfg.calib, loaded.model, loaded.tokenizer, cfg.nsamples, cfg.seqlen,
                                           cfg.seed, cfg.progress)
         log(f"calibration: {desc} ({time.time() - t:.1f} s)")
-    if ck is not None and not resume:
-        ck.fp = CK.fingerprint(cfg, loaded.model, windows)
+    if fresh_ck:
+        ck = CK.Checkpoint(cfg.checkpoint, CK.fingerprint(cfg, loaded.model, windows))
     comp = compress(loaded, cfg, windows, desc, ck, resume)
     write(comp, loaded, out, force)
     if ck is not None:
