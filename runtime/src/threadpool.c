@@ -7,7 +7,12 @@
  * Sleeping uses the Dekker pattern on seq_cst atomics: a worker announces itself in `n_sleeping` and re-checks
  * `gen` under the mutex; the caller bumps `gen` and then reads `n_sleeping`, so either the worker sees the new
  * generation or the caller sees the sleeper and broadcasts under the mutex. `main_waiting` / `pending` pair
- * the same way for the completion signal. */
+ * the same way for the completion signal. Each side announces itself with a read-modify-write (fetch_add,
+ * fetch_sub, exchange) before reading the other's flag: C11 orders a plain seq_cst store before a later seq_cst
+ * load too, but qemu-user (TCG on an x86 host) does not for aarch64's stlr -> ldar, and a plain store there made
+ * the caller sleep on `done` while the worker, having read main_waiting = 0, never signalled (test-model hung
+ * in ~7 % of runs under qemu-aarch64; a pool stress in 1 of 10). RMWs are full barriers there and cost nothing
+ * on this slow path. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -183,7 +188,8 @@ void pbs2p_pool_run(pbs2p_pool *pool, pbs2p_task_fn fn, void *arg) {
         cpu_relax();
     if (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) {
         pthread_mutex_lock(&pool->mu);
-        atomic_store(&pool->main_waiting, 1);
+        /* An exchange, not a plain store: see the Dekker note at the top (store -> load order). */
+        atomic_exchange(&pool->main_waiting, 1);
         while (atomic_load(&pool->pending) > 0) pthread_cond_wait(&pool->done, &pool->mu);
         atomic_store(&pool->main_waiting, 0);
         pthread_mutex_unlock(&pool->mu);
