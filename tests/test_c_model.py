@@ -33,7 +33,7 @@ def fixtures(tiny_model_factory, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("c-model-fixtures")
     rng = np.random.default_rng(0)
     # tiny-qwen2 stores its (tied) embedding/head as Q4_0, the others as Q8_0: both head kernels are checked
-    for name, family, nm, emb in [("tiny-llama", "llama", (6, 8), "q8_0"), ("tiny-qwen2", "qwen2", (2, 4), "q8_0"),
+    for name, family, nm, emb in [("tiny-llama", "llama", (6, 8), "q8_0"), ("tiny-qwen2", "qwen2", (2, 4), "q4_0"),
                                   ("tiny-opt", "opt", (4, 8), "q8_0"), ("tiny-llama-dense", "llama", None, "q8_0")]:
         cfg = pipeline.ExportConfig(nm=nm, nsamples=4, seqlen=32, progress=False, calib="self", embed_type=emb)
         path = out / f"{name}.pbs2p"
