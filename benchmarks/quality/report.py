@@ -34,8 +34,12 @@ def main() -> int:
     by = {r["config"]: r for r in rows}
     fp = by.get("fp")
     first = rows[0]
+    machines = sorted({r["machine"] for r in rows})
+    where = machines[0] if len(machines) == 1 else "machines: " + "; ".join(
+        f"({chr(97 + i)}) {m}" for i, m in enumerate(machines))
     print(f"Model `{first['model']}`; calibration: {next((r['calibration'] for r in rows), '')}; "
-          f"evaluation: {first['eval']}; {first['machine']}.\n")
+          f"evaluation: {first['eval']}; {where}.\n")
+    tag = {m: chr(97 + i) for i, m in enumerate(machines)} if len(machines) > 1 else {}
     if fp:
         print(f"FP (the GGUF's weights, dequantized): PPL **{fp['ppl']:.2f}** ({fp['tokens_scored']} tokens).\n")
 
@@ -67,15 +71,17 @@ def main() -> int:
     print()
 
     print("### Every run: size, time, layer error\n")
+    mcol = " machine |" if tag else ""
     print("| config | PPL | runtime PPL | storage bpw (file bytes) | param bits | file MB | mean layer out-err | "
-          "last block err | export s | eval s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "last block err | export s | eval s |" + mcol)
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if tag else ""))
     for r in rows:
         if r["config"] == "fp":
             continue
         print(f"| `{r['config']}` | {fmt_ppl(r['ppl'])} | {fmt_ppl(r.get('runtime_ppl'))} | {r['storage_bpw']:.3f} | "
               f"{r['param_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {num(r['mean_layer_out_err'], '.4f')} | "
-              f"{num(r['last_block_err'], '.4f')} | {num(r['export_s'], '.0f')} | {r['eval_s']:.0f} |")
+              f"{num(r['last_block_err'], '.4f')} | {num(r['export_s'], '.0f')} | {r['eval_s']:.0f} |"
+              + (f" ({tag[r['machine']]}) |" if tag else ""))
     print()
 
     abl = [r for r in rows if r.get("method") == "pbs2p" and r.get("flags")]
