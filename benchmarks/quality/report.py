@@ -117,7 +117,8 @@ def main() -> int:
                 if r:
                     xs.append(j + (i - 2) * width)
                     ys.append(r["ppl"])
-            ax.bar(xs, ys, width, label=m)
+            if xs:  # fixed colour per method, so a method with no rows does not shift the others
+                ax.bar(xs, ys, width, label=m, color=f"C{i}")
         if fp:
             ax.axhline(fp["ppl"], color="k", ls="--", lw=1, label=f"FP {fp['ppl']:.1f}")
         ax.set_yscale("log")
