@@ -9,10 +9,10 @@
  * generation or the caller sees the sleeper and broadcasts under the mutex. `main_waiting` / `pending` pair
  * the same way for the completion signal. Each side announces itself with a read-modify-write (fetch_add,
  * fetch_sub, exchange) before reading the other's flag: C11 orders a plain seq_cst store before a later seq_cst
- * load too, but qemu-user (TCG on an x86 host) does not for aarch64's stlr -> ldar, and a plain store there made
- * the caller sleep on `done` while the worker, having read main_waiting = 0, never signalled (test-model hung
- * in ~7 % of runs under qemu-aarch64; a pool stress in 1 of 10). RMWs are full barriers there and cost nothing
- * on this slow path. */
+ * load too, but with a plain store the caller slept on `done` while the worker slept on `wake` without having
+ * signalled (test-model hung in ~7 % of runs under qemu-aarch64 7.2, a pool stress in 1 of 10; never natively).
+ * The likely cause: qemu-user's TCG on an x86 host does not keep aarch64's stlr -> ldar in order. With RMWs
+ * (full barriers there) 0 of 80 and 0 of 20 hung; they cost nothing on this slow path. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
