@@ -59,15 +59,22 @@ def main() -> int:
             cells.append(c)
         print(f"| {m} | " + " | ".join(cells) + " |")
     print()
-    print("PBS²P vs the best baseline at each sparsity (lower is better; ratio = best baseline / PBS²P):\n")
-    print("| sparsity | PBS²P | best baseline | ratio |")
-    print("|---|---|---|---|")
+    print("PBS²P vs the best baseline at each sparsity, over all baselines and over those whose file spends the "
+          "same storage bits per weight (lower is better; ratio = baseline / PBS²P; bpw from the file's bytes):\n")
+    print("| sparsity | PBS²P (bpw) | best baseline (bpw) | ratio | best same-bpw baseline | ratio |")
+    print("|---|---|---|---|---|---|")
     for s in SPARSITY:
         p = by.get(f"pbs2p@{s}")
-        base = [(by[f"{m}@{s}"]["ppl"], m) for m in METHODS[:-1] if f"{m}@{s}" in by]
+        base = [(by[f"{m}@{s}"]["ppl"], m, by[f"{m}@{s}"]["storage_bpw"]) for m in METHODS[:-1] if f"{m}@{s}" in by]
         if p and base:
-            b, bm = min(base)
-            print(f"| {s} | {fmt_ppl(p['ppl'])} | {bm} {fmt_ppl(b)} | {b / p['ppl']:.2f}× |")
+            b, bm, bb = min(base)
+            same = [x for x in base if abs(x[2] - p["storage_bpw"]) < 1e-9]
+            cs = "— | —"
+            if same:
+                sb, sm, _ = min(same)
+                cs = f"{sm} {fmt_ppl(sb)} | {sb / p['ppl']:.2f}×"
+            print(f"| {s} | {fmt_ppl(p['ppl'])} ({p['storage_bpw']:.3g}) | {bm} {fmt_ppl(b)} ({bb:.3g}) | "
+                  f"{b / p['ppl']:.2f}× | {cs} |")
     print()
 
     print("### Every run: size, time, layer error\n")

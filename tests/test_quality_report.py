@@ -1,0 +1,31 @@
+"""benchmarks/quality/report.py: the PBS²P-vs-baseline table names the best baseline over all files and over
+those with PBS²P's storage bits per weight (a baseline with a bigger file must not pass as the same-byte one)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "report.py"
+
+
+def _row(config: str, ppl: float, bpw: float) -> dict:
+    method, nm = config.split("@")
+    return {"config": config, "model": "m.gguf", "calibration": "c", "eval": "e", "machine": "x", "method": method,
+            "nm": nm, "flags": [], "export_s": 1.0, "mean_layer_out_err": 0.1, "last_block_err": 0.1,
+            "file_bytes": 1000, "storage_bpw": bpw, "file_bpw": bpw, "param_bits": 0.75, "ppl": ppl,
+            "tokens_scored": 10, "eval_s": 1.0}
+
+
+def test_comparison_separates_same_bpw_baselines(tmp_path: Path) -> None:
+    rows = [_row("pbs2p@6:8", 2000.0, 2.25), _row("stbllm@6:8", 5000.0, 2.25), _row("billm@6:8", 600.0, 4.375),
+            _row("pbs2p@4:8", 1000.0, 2.25), _row("billm@4:8", 3000.0, 4.375)]
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, str(REPORT), str(f)], capture_output=True, text=True, check=True).stdout
+    table = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+             for ln in out.splitlines() if ln.startswith("| 6:8 ") or ln.startswith("| 4:8 ")}
+    assert table["6:8"] == ["2000 (2.25)", "billm 600 (4.38)", "0.30×", "stbllm 5000", "2.50×"]
+    # no baseline at PBS²P's bpw: the same-byte columns stay empty rather than borrowing BiLLM's
+    assert table["4:8"] == ["1000 (2.25)", "billm 3000 (4.38)", "3.00×", "—", "—"]
