@@ -98,7 +98,8 @@ def main() -> int:
         print("|---|---|---|---|")
         what = {"nocoarse": "no CFS coarse stage (uniform N)", "magnitude": "magnitude score instead of OBS",
                 "steps1": "τ = 1 (SPBO in one step: prune M−N per group against the binary fit, refit)",
-                "steps0": "static mask (prune by OBS score first, then binarize: no SPBO)"}
+                "steps0": "static mask (prune by OBS score first, then binarize: no SPBO)",
+                "salient": "a second binary plane on salient columns (twice the plane bytes)"}
         for base in sorted({r["nm"] for r in abl}):
             ref = by.get(f"pbs2p@{base}")
             if ref:

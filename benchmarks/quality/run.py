@@ -5,7 +5,8 @@
 
 A config is `fp` (the original model) or `METHOD@NM[+FLAG...]`, METHOD one of pbs2p sign billm arb stbllm, NM
 `dense` or `N:M`, FLAG one of `nocoarse` (uniform N), `magnitude` (fine-stage score), `steps1` (one-shot
-SPBO), `steps0` (static mask, then binarize), `coarse` (force CFS coarse on a baseline). Per config, in one
+SPBO), `steps0` (static mask, then binarize), `coarse` (force CFS coarse on a baseline), `salient` (a
+second binary plane on salient columns, as `pbs2p-export --salient`). Per config, in one
 process: the original weights are restored, the export runs exactly as `pbs2p-export` does (same calibration
 windows for every config), the file is written and its storage bits per weight counted from its bytes, then
 the PyTorch model holding the file's weights (fake-quant; weights only, as the papers report) is scored on
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
 WIKI = DATA / "wikitext-2-raw" / "wiki.test.raw"
 C4 = DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
-FLAGS = {"nocoarse", "coarse", "magnitude", "steps1", "steps0"}
+FLAGS = {"nocoarse", "coarse", "magnitude", "steps1", "steps0", "salient"}
 
 
 def parse_config(s: str) -> dict:
@@ -63,6 +64,8 @@ def export_config(c: dict, a: argparse.Namespace):
             cfg.steps = 1
         elif f == "steps0":
             cfg.steps = 0
+        elif f == "salient":
+            cfg.salient = True
     return cfg
 
 
