@@ -65,7 +65,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for s in SPARSITY:
         p = by.get(f"pbs2p@{s}")
-        base = [(by[f"{m}@{s}"]["ppl"], m, by[f"{m}@{s}"]["storage_bpw"]) for m in METHODS[:-1] if f"{m}@{s}" in by]
+        base = [(r["ppl"], m, r["storage_bpw"]) for m in METHODS[:-1] if (r := by.get(f"{m}@{s}"))]
         if p and base:
             b, bm, bb = min(base)
             same = [x for x in base if abs(x[2] - p["storage_bpw"]) < 1e-9]

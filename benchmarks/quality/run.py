@@ -32,7 +32,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
 WIKI = DATA / "wikitext-2-raw" / "wiki.test.raw"
 C4 = DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
-FLAGS = {"nocoarse", "coarse", "magnitude", "steps1", "steps0", "salient"}
+# config flag -> the ExportConfig field it sets and the value (one table: parse_config checks against it,
+# export_config applies it)
+FLAGS = {"nocoarse": ("coarse", False), "coarse": ("coarse", True), "magnitude": ("score", "magnitude"),
+         "steps1": ("steps", 1), "steps0": ("steps", 0), "salient": ("salient", True)}
 
 
 def parse_config(s: str) -> dict:
@@ -42,7 +45,7 @@ def parse_config(s: str) -> dict:
         raise SystemExit(f"config {s!r}: expected fp or METHOD@NM[+FLAG...]")
     method, rest = s.split("@", 1)
     nm, *flags = rest.split("+")
-    bad = set(flags) - FLAGS
+    bad = set(flags) - FLAGS.keys()
     if bad:
         raise SystemExit(f"config {s!r}: unknown flags {sorted(bad)} (known: {sorted(FLAGS)})")
     return {"name": s, "method": method, "nm": nm, "flags": flags}
@@ -54,18 +57,7 @@ def export_config(c: dict, a: argparse.Namespace):
     cfg = P.ExportConfig(method=c["method"], nm=P.parse_nm(c["nm"]), calib=str(a.calib), nsamples=a.nsamples,
                          seqlen=a.seqlen, seed=a.seed, progress=not a.quiet, device=a.device)
     for f in c["flags"]:
-        if f == "nocoarse":
-            cfg.coarse = False
-        elif f == "coarse":
-            cfg.coarse = True
-        elif f == "magnitude":
-            cfg.score = "magnitude"
-        elif f == "steps1":
-            cfg.steps = 1
-        elif f == "steps0":
-            cfg.steps = 0
-        elif f == "salient":
-            cfg.salient = True
+        setattr(cfg, *FLAGS[f])
     return cfg
 
 
