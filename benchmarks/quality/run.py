@@ -147,12 +147,16 @@ def main() -> int:
 
                 model = fakequant.load_fakequant(fpath, device=a.device)
                 stats = P.file_stats(fpath)
-                rec.update(export_s=None, reused_file=True, mean_layer_out_err=None, nm_n=None, last_block_err=None)
+                rec.update(export_s=None, reused_file=True, mean_layer_out_err=None, nm_n=None, last_block_err=None,
+                           block_err=None, layer_out_err=None)
             else:
                 comp, stats = P.export(None, fpath, cfg, force=True, loaded=loaded)
                 oerr = [r.oerr for r in comp.records]
                 rec.update(export_s=round(time.time() - t0, 1), mean_layer_out_err=round(sum(oerr) / len(oerr), 5),
-                           nm_n=comp.nm_n, last_block_err=round(comp.block_err[-1], 4) if comp.block_err else None)
+                           nm_n=comp.nm_n, last_block_err=round(comp.block_err[-1], 4) if comp.block_err else None,
+                           # per block / per linear, to see where two methods part (the mean hides it)
+                           block_err=[round(e, 4) for e in comp.block_err],
+                           layer_out_err={f"blk.{r.block}.{r.name}": round(r.oerr, 5) for r in comp.records})
             rec.update(method=c["method"], nm=c["nm"], flags=c["flags"], file_bytes=stats["file_bytes"],
                        storage_bpw=round(stats["storage_bpw"], 4), file_bpw=round(stats["file_bpw"], 4),
                        param_bits=round(stats["param_bits"], 4))
@@ -171,7 +175,7 @@ def main() -> int:
         model = loaded.model
         with out.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
+        print(json.dumps({k: v for k, v in rec.items() if k != "layer_out_err"}), flush=True)  # the file has it all
     return 0
 
 
