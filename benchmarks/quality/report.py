@@ -63,20 +63,24 @@ def main() -> int:
           "same storage bits per weight (lower is better; ratio = baseline / PBS²P; bpw from the file's bytes):\n")
     print("| sparsity | PBS²P (bpw) | best baseline (bpw) | ratio | best same-bpw baseline | ratio |")
     print("|---|---|---|---|---|---|")
-    # PBS²P with its salient plane (`+salient`) gets its own row: its file has BiLLM's bytes, so BiLLM is its
-    # same-byte rival
-    for s, label in [(s, lab) for s in SPARSITY for lab in ("", "+salient")]:
-        p = by.get(f"pbs2p@{s}{label}")
+    for s in SPARSITY:
         base = [(r["ppl"], m, r["storage_bpw"]) for m in METHODS[:-1] if (r := by.get(f"{m}@{s}"))]
-        if p and base:
-            b, bm, bb = min(base)
+        if not base:
+            continue
+        b, bm, bb = min(base)
+        # PBS²P with its salient plane (`+salient`) gets its own row: its file has BiLLM's bytes, so BiLLM is its
+        # same-byte rival
+        for label in ("", "+salient"):
+            p = by.get(f"pbs2p@{s}{label}")
+            if not p:
+                continue
             same = [x for x in base if abs(x[2] - p["storage_bpw"]) < 1e-9]
             cs = "— | —"
             if same:
                 sb, sm, _ = min(same)
                 cs = f"{sm} {fmt_ppl(sb)} | {sb / p['ppl']:.2f}×"
-            print(f"| {s}{' ' + label if label else ''} | {fmt_ppl(p['ppl'])} ({p['storage_bpw']:.3g}) | {bm} {fmt_ppl(b)} ({bb:.3g}) | "
-                  f"{b / p['ppl']:.2f}× | {cs} |")
+            print(f"| {f'{s} {label}'.rstrip()} | {fmt_ppl(p['ppl'])} ({p['storage_bpw']:.3g}) | {bm} {fmt_ppl(b)} "
+                  f"({bb:.3g}) | {b / p['ppl']:.2f}× | {cs} |")
     print()
 
     print("### Every run: size, time, layer error\n")
