@@ -58,7 +58,7 @@ def parse_nm(s: str) -> tuple[int, int] | None:
 class ExportConfig:
     method: str = "pbs2p"
     nm: tuple[int, int] | None = (6, 8)  # None: dense
-    coarse: bool | None = None  # None: on for pbs2p with N:M, off otherwise
+    coarse: bool = False  # CFS coarse stage (per-block N); off by default: docs/algorithm.md, "CFS coarse stage"
     score: str = "obs"
     steps: int | None = None  # None: auto (M - N steps)
     salient: bool = False
@@ -94,9 +94,7 @@ class ExportConfig:
             raise ExportError(f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: need >= 1 and >= 2")
 
     def use_coarse(self) -> bool:
-        if self.nm is None or self.method == "fp16":
-            return False
-        return self.method == "pbs2p" if self.coarse is None else self.coarse
+        return self.coarse and self.nm is not None and self.method != "fp16"
 
 
 @dataclass

@@ -71,7 +71,7 @@ def test_metadata(exported):
         assert kv["pbs2p.nm.m"] == 0
     else:
         assert kv["pbs2p.nm.m"] == 8
-        assert all(5 <= n <= 7 for n in kv["pbs2p.nm.n"])
+        assert list(kv["pbs2p.nm.n"]) == [6] * kv[f"{a}.block_count"]  # the default: uniform N (no coarse stage)
     if fam == "opt":
         assert kv["pbs2p.pos_offset"] == 2 and f"{a}.attention.layer_norm_epsilon" in kv
     else:
@@ -252,10 +252,10 @@ def test_coarse_unequal_weights_never_overshoots():
 
 def test_coarse_in_pipeline_changes_n(tiny_model_factory, tmp_path, monkeypatch):
     monkeypatch.setattr(C, "allocate", lambda cos, n, m, w=None: [n + 1, n - 1])
-    comp, _ = do_export(tiny_model_factory("opt"), tmp_path / "o.bin", nm=(6, 8))
+    comp, _ = do_export(tiny_model_factory("opt"), tmp_path / "o.bin", nm=(6, 8), coarse=True)
     _, kv = fields(tmp_path / "o.bin")
     assert list(kv["pbs2p.nm.n"]) == [7, 5]
-    comp, _ = do_export(tiny_model_factory("opt"), tmp_path / "p.bin", nm=(6, 8), coarse=False)
+    comp, _ = do_export(tiny_model_factory("opt"), tmp_path / "p.bin", nm=(6, 8))  # the default: uniform N
     _, kv = fields(tmp_path / "p.bin")
     assert list(kv["pbs2p.nm.n"]) == [6, 6]
 

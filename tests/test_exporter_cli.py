@@ -100,8 +100,8 @@ def test_cli_subprocess_roundtrip(tmp_path, tiny_model_factory):
     d = tiny_model_factory("qwen2")
     out = tmp_path / "m.bin"
     env = dict(os.environ)
-    p = subprocess.run([sys.executable, "-m", "pbs2p.exporter.cli", str(d), "--out", str(out), "--nm", "5:8",
-                        "--no-coarse", *FAST], capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "pbs2p.exporter.cli", str(d), "--out", str(out), "--nm", "5:8", *FAST],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr
     assert "storage" in p.stdout and "bits/weight" in p.stdout
     r = gguf.GGUFReader(str(out))

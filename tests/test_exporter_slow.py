@@ -9,11 +9,12 @@ gguf = pytest.importorskip("gguf")
 
 @pytest.fixture(scope="module")
 def smol_export(smollm2_path, tmp_path_factory):
-    """One PBS²P 6:8 export of the real SmolLM2 (small self-generated calibration) shared by this module."""
+    """One PBS²P 6:8 export of the real SmolLM2 (small self-generated calibration) shared by this module, with the
+    coarse stage on (not the default) so that per-block N is exercised on a real model, through the runtime too."""
     from pbs2p.exporter import pipeline as P
 
     out = tmp_path_factory.mktemp("smol") / "smol.bin"
-    cfg = P.ExportConfig(nm=(6, 8), nsamples=8, seqlen=128, progress=False)
+    cfg = P.ExportConfig(nm=(6, 8), coarse=True, nsamples=8, seqlen=128, progress=False)
     comp, stats = P.export(None, out, cfg)
     return out, comp, stats
 

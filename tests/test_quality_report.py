@@ -21,14 +21,18 @@ def _row(config: str, ppl: float, bpw: float) -> dict:
 def test_comparison_separates_same_bpw_baselines(tmp_path: Path) -> None:
     rows = [_row("pbs2p@6:8", 2000.0, 2.25), _row("stbllm@6:8", 5000.0, 2.25), _row("billm@6:8", 600.0, 4.375),
             _row("pbs2p@4:8", 1000.0, 2.25), _row("billm@4:8", 3000.0, 4.375),
-            dict(_row("pbs2p@6:8", 900.0, 4.375), config="pbs2p@6:8+salient", flags=["salient"])]
+            dict(_row("pbs2p@6:8", 900.0, 4.375), config="pbs2p@6:8+salient", flags=["salient"]),
+            dict(_row("pbs2p@4:8", 1500.0, 2.25), config="pbs2p@4:8+coarse", flags=["coarse"])]
     f = tmp_path / "r.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = subprocess.run([sys.executable, str(REPORT), str(f)], capture_output=True, text=True, check=True).stdout
     table = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
              for ln in out.splitlines() if ln.startswith(("| 6:8 ", "| 4:8 "))}
+    assert list(table) == ["6:8", "6:8 +salient", "4:8", "4:8 +coarse"]
     assert table["6:8"] == ["2000 (2.25)", "billm 600 (4.38)", "0.30×", "stbllm 5000", "2.50×"]
     # no baseline at PBS²P's bpw: the same-byte columns stay empty rather than borrowing BiLLM's
     assert table["4:8"] == ["1000 (2.25)", "billm 3000 (4.38)", "3.00×", "—", "—"]
     # PBS²P with its salient plane has BiLLM's bytes: its own row, BiLLM as the same-byte rival
     assert table["6:8 +salient"] == ["900 (4.38)", "billm 600 (4.38)", "0.67×", "billm 600", "0.67×"]
+    # PBS²P with the paper's coarse stage (not the default) gets its own row too
+    assert table["4:8 +coarse"] == ["1500 (2.25)", "billm 3000 (4.38)", "2.00×", "—", "—"]

@@ -13,7 +13,7 @@ from pbs2p import format as fmt  # noqa: E402
 from pbs2p.exporter import cli  # noqa: E402
 from pbs2p.exporter import solver  # noqa: E402
 
-FAST = ["--nsamples", "3", "--seqlen", "24", "-q"]
+FAST = ["--nsamples", "3", "--seqlen", "24", "-q", "--coarse"]  # coarse: its N per block must survive a resume
 N_LIN = 7  # linears per llama block
 N_BLOCKS = 4
 

@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 
 METHODS = ["sign", "billm", "arb", "stbllm", "pbs2p"]
+# rows of the perplexity table and bars of the plot: each method as run by default, plus PBS²P with the paper's
+# CFS coarse stage (off by default since it raised perplexity; docs/algorithm.md)
+SERIES = [(m, "") for m in METHODS] + [("pbs2p", "+coarse")]
 SPARSITY = ["dense", "6:8", "5:8", "4:8"]
 
 
@@ -46,10 +49,10 @@ def main() -> int:
     print("### Perplexity (PyTorch, the file's weights; int8 activations through the C runtime in brackets)\n")
     print("| method | " + " | ".join(SPARSITY) + " |")
     print("|---|" + "---|" * len(SPARSITY))
-    for m in METHODS:
+    for m, flag in SERIES:
         cells = []
         for s in SPARSITY:
-            r = by.get(f"{m}@{s}")
+            r = by.get(f"{m}@{s}{flag}")
             if r is None:
                 cells.append("—")
                 continue
@@ -57,7 +60,9 @@ def main() -> int:
             if "runtime_ppl" in r:
                 c += f" [{fmt_ppl(r['runtime_ppl'])}]"
             cells.append(c)
-        print(f"| {m} | " + " | ".join(cells) + " |")
+        if flag and not any(c != "—" for c in cells):
+            continue
+        print(f"| {m}{flag} | " + " | ".join(cells) + " |")
     print()
     print("PBS²P vs the best baseline at each sparsity, over all baselines and over those whose file spends the "
           "same storage bits per weight (lower is better; ratio = baseline / PBS²P; bpw from the file's bytes):\n")
@@ -69,8 +74,8 @@ def main() -> int:
             continue
         b, bm, bb = min(base)
         # PBS²P with its salient plane (`+salient`) gets its own row: its file has BiLLM's bytes, so BiLLM is its
-        # same-byte rival
-        for label in ("", "+salient"):
+        # same-byte rival; so does PBS²P with the paper's coarse stage (`+coarse`, off by default)
+        for label in ("", "+coarse", "+salient", "+salient+coarse"):
             p = by.get(f"pbs2p@{s}{label}")
             if not p:
                 continue
@@ -102,14 +107,15 @@ def main() -> int:
         print("### Ablations (PBS²P, same calibration and evaluation)\n")
         print("| config | what changes | PPL | mean layer out-err |")
         print("|---|---|---|---|")
-        what = {"nocoarse": "no CFS coarse stage (uniform N)", "magnitude": "magnitude score instead of OBS",
+        what = {"coarse": "the paper's CFS coarse stage (per-block N)", "magnitude": "magnitude score instead of OBS",
                 "steps1": "τ = 1 (SPBO in one step: prune M−N per group against the binary fit, refit)",
                 "steps0": "static mask (prune by OBS score first, then binarize: no SPBO)",
                 "salient": "a second binary plane on salient columns (twice the plane bytes)"}
         for base in sorted({r["nm"] for r in abl}):
             ref = by.get(f"pbs2p@{base}")
             if ref:
-                print(f"| `pbs2p@{base}` | full method | {fmt_ppl(ref['ppl'])} | {num(ref['mean_layer_out_err'], '.4f')} |")
+                print(f"| `pbs2p@{base}` | default (uniform N, OBS score, τ = M − N) | {fmt_ppl(ref['ppl'])} | "
+                      f"{num(ref['mean_layer_out_err'], '.4f')} |")
             for r in abl:
                 if r["nm"] == base:
                     print(f"| `{r['config']}` | {', '.join(what.get(f, f) for f in r['flags'])} | "
@@ -123,16 +129,16 @@ def main() -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        width = 0.16
-        for i, m in enumerate(METHODS):
+        width = 0.8 / len(SERIES)
+        for i, (m, flag) in enumerate(SERIES):
             xs, ys = [], []
             for j, s in enumerate(SPARSITY):
-                r = by.get(f"{m}@{s}")
+                r = by.get(f"{m}@{s}{flag}")
                 if r:
-                    xs.append(j + (i - 2) * width)
+                    xs.append(j + (i - (len(SERIES) - 1) / 2) * width)
                     ys.append(r["ppl"])
-            if xs:  # fixed colour per method, so a method with no rows does not shift the others
-                ax.bar(xs, ys, width, label=m, color=f"C{i}")
+            if xs:  # fixed colour per series, so a series with no rows does not shift the others
+                ax.bar(xs, ys, width, label=m + flag, color=f"C{i}")
         if fp:
             ax.axhline(fp["ppl"], color="k", ls="--", lw=1, label=f"FP {fp['ppl']:.1f}")
         ax.set_yscale("log")
