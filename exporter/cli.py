@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--score", default="obs", choices=("obs", "magnitude"), help="fine-stage pruning score")
     ap.add_argument("--steps", default="auto", help="SPBO steps: auto (M - N, default), 1 (one-shot), 0 (static mask, then binarize)")
     ap.add_argument("--salient", action="store_true", help="second binary term on salient columns (costs bits)")
+    ap.add_argument("--residual", action="store_true",
+                    help="second binary term on every kept weight (same file bytes as --salient)")
     ap.add_argument("--no-compensate", action="store_true", help="ablation: no GPTQ-style error compensation")
     ap.add_argument("--percdamp", type=float, default=0.01)
     ap.add_argument("--arb-iters", type=int, default=15)
@@ -73,7 +75,7 @@ def config_from_args(a: argparse.Namespace) -> P.ExportConfig:
     nsamples = a.nsamples if a.nsamples is not None else (CAL.PAPER_NSAMPLES if a.paper else CAL.DEFAULT_NSAMPLES)
     seqlen = a.seqlen if a.seqlen is not None else (CAL.PAPER_SEQLEN if a.paper else CAL.DEFAULT_SEQLEN)
     cfg = P.ExportConfig(method=a.method, nm=nm, coarse=a.coarse, score=a.score, steps=steps, salient=a.salient,
-                         compensate=not a.no_compensate, block_size=a.block_size, percdamp=a.percdamp,
+                         residual=a.residual, compensate=not a.no_compensate, block_size=a.block_size, percdamp=a.percdamp,
                          arb_iters=a.arb_iters, embed_type=a.embed_type, calib=a.calib, nsamples=nsamples,
                          seqlen=seqlen, seed=a.seed, device=a.device, progress=not a.quiet,
                          checkpoint=None if a.no_checkpoint else (a.checkpoint_dir or f"{a.out}.ckpt"))

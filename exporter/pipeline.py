@@ -62,6 +62,7 @@ class ExportConfig:
     score: str = "obs"
     steps: int | None = None  # None: auto (M - N steps)
     salient: bool = False
+    residual: bool = False
     compensate: bool = True
     block_size: int = fmt.DEFAULT_BLOCK_SIZE
     percdamp: float = 0.01
@@ -90,6 +91,8 @@ class ExportConfig:
             raise ExportError(f"--steps {self.steps}: must be >= 0 (0: static mask, 1: one-shot) or auto")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ExportError(f"--device {self.device!r}: use cpu or cuda")
+        if self.salient and self.residual:
+            raise ExportError("--salient and --residual both add the second term: choose one")
         if self.nsamples <= 0 or self.seqlen <= 1:
             raise ExportError(f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: need >= 1 and >= 2")
 
@@ -309,7 +312,8 @@ def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calib
         m_l = m if cfg.nm else 8
         scfg = solver.SolverConfig(method=cfg.method, n=n_l, m=m_l, block_size=cfg.block_size,
                                    percdamp=cfg.percdamp, arb_iters=cfg.arb_iters, steps=cfg.steps,
-                                   score=cfg.score, salient=cfg.salient, compensate=cfg.compensate)
+                                   score=cfg.score, salient=cfg.salient, residual=cfg.residual,
+                                   compensate=cfg.compensate)
         for path, gname, lin in lins:
             bar.set_postfix_str(f"blk {li} {gname}")
             t1 = time.time()

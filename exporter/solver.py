@@ -43,6 +43,7 @@ class SolverConfig:
     steps: int | None = None     # SPBO τ; None -> m - n; 0 -> prune by the static score, then binarize
     score: str = "obs"           # "obs" (w²/[Hinv]_jj²) | "magnitude"
     salient: bool = False        # second binary term on salient columns (BiLLM/ARB style)
+    residual: bool = False       # second binary term on every kept weight, both terms refit jointly (_refine2)
     compensate: bool = True      # GPTQ block error compensation
 
     def __post_init__(self) -> None:
@@ -62,6 +63,8 @@ class SolverConfig:
             raise ValueError(f"arb_iters = {self.arb_iters} must be >= 0")
         if not self.percdamp > 0:
             raise ValueError(f"percdamp = {self.percdamp} must be > 0")
+        if self.salient and self.residual:
+            raise ValueError("salient and residual both set a second term: choose one")
 
     @property
     def tau(self) -> int:
@@ -71,7 +74,7 @@ class SolverConfig:
 
     @property
     def n_terms(self) -> int:
-        return 2 if (self.salient or self.method == "billm") else 1
+        return 2 if (self.salient or self.residual or self.method == "billm") else 1
 
 
 @dataclass
@@ -152,6 +155,41 @@ def _refine(W: torch.Tensor, mf: torch.Tensor, iters: int, B: torch.Tensor | Non
     else:
         alpha, mu = _closed_form(W, B, n, q)
     return alpha, mu, B
+
+
+def _refine2(W: torch.Tensor, mf: torch.Tensor, B0: torch.Tensor, B1: torch.Tensor, x: torch.Tensor, iters: int):
+    """Two binary terms on the kept entries, W ≈ μ + α_0·B_0 + α_1·B_1 (four levels per row), by alternation:
+    (μ, α_0, α_1) ← least squares for the signs (3×3 normal equations per row); B_0 ← sign(α_0·(W − μ − α_1B_1));
+    B_1 ← sign(α_1·(W − μ − α_0B_0)). Each step is optimal given the rest, so the error never increases; a row
+    whose system is singular keeps its previous fit; x (R, 3) = (μ, α_0, α_1) of the starting fit.
+    Returns α_0, α_1, μ (R,), B_0, B_1."""
+    n = mf.sum(1)
+    q = (W * mf).sum(1)
+
+    def solve(B0, B1):
+        s0, s1, s01 = B0.sum(1), B1.sum(1), (B0 * B1).sum(1)
+        A = torch.stack([torch.stack([n, s0, s1], -1), torch.stack([s0, n, s01], -1),
+                         torch.stack([s1, s01, n], -1)], -2).double()
+        y = torch.stack([q, (W * B0).sum(1), (W * B1).sum(1)], -1).double()
+        x, info = torch.linalg.solve_ex(A, y)
+        return x.float(), (info == 0) & torch.isfinite(x).all(-1)
+
+    def err(x, B0, B1):
+        return (((W - x[:, :1] - x[:, 1:2] * B0 - x[:, 2:] * B1) * mf) ** 2).sum(1)
+
+    for _ in range(max(iters, 1)):
+        xn, ok = solve(B0, B1)
+        better = ok & (err(xn, B0, B1) <= err(x, B0, B1))
+        x = torch.where(better[:, None], xn, x)
+        nb0 = _sgn(x[:, 1:2] * (W - x[:, :1] - x[:, 2:] * B1)) * mf
+        nb1 = _sgn(x[:, 2:] * (W - x[:, :1] - x[:, 1:2] * nb0)) * mf
+        if torch.equal(nb0, B0) and torch.equal(nb1, B1):
+            break
+        B0, B1 = nb0, nb1
+    else:
+        xn, ok = solve(B0, B1)
+        x = torch.where((ok & (err(xn, B0, B1) <= err(x, B0, B1)))[:, None], xn, x)
+    return x[:, 1], x[:, 2], x[:, 0], B0, B1
 
 
 def _nm_prune(score: torch.Tensor, mask: torch.Tensor, count: int, m: int) -> torch.Tensor:
@@ -269,6 +307,14 @@ def _fit_block(W: torch.Tensor, d: torch.Tensor, xnorm: torch.Tensor, cfg: Solve
     if cfg.n_terms == 1:
         return term0[None], a0[:, None], mu, 0
     base = _q_value(term0[None], a0[:, None], mu)
+    if cfg.residual:
+        # greedy start (term 1 = sign of what term 0 leaves, α_1 = its mean magnitude), then both terms refit
+        # jointly on the block's kept weights (the mask stays SPBO's)
+        r = W - base
+        term1 = _sgn(r) * mf
+        a1 = (r.abs() * mf).sum(1) / mf.sum(1).clamp_min(1)
+        a0, a1, mu, term0, term1 = _refine2(W, mf, term0, term1, torch.stack([mu, a0, a1], 1), cfg.arb_iters)
+        return torch.stack([term0, term1]), torch.stack([_f16(a0), _f16(a1)], 1), _f16(mu), c
     term1, a1, k = _salient_term(W, wt, base, mf)
     return torch.stack([term0, term1]), torch.stack([a0, a1], 1), mu, k
 

@@ -33,14 +33,19 @@ def fixtures(tiny_model_factory, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("c-model-fixtures")
     rng = np.random.default_rng(0)
     # tiny-qwen2 stores its (tied) embedding/head as Q4_0, the others as Q8_0: both head kernels are checked
+    # tiny-llama-residual (two terms on every kept weight, --residual) is checked by the greedy test only
     for name, family, nm, emb in [("tiny-llama", "llama", (6, 8), "q8_0"), ("tiny-qwen2", "qwen2", (2, 4), "q4_0"),
-                                  ("tiny-opt", "opt", (4, 8), "q8_0"), ("tiny-llama-dense", "llama", None, "q8_0")]:
-        cfg = pipeline.ExportConfig(nm=nm, nsamples=4, seqlen=32, progress=False, calib="self", embed_type=emb)
+                                  ("tiny-opt", "opt", (4, 8), "q8_0"), ("tiny-llama-dense", "llama", None, "q8_0"),
+                                  ("tiny-llama-residual", "llama", (6, 8), "q8_0")]:
+        cfg = pipeline.ExportConfig(nm=nm, nsamples=4, seqlen=32, progress=False, calib="self", embed_type=emb,
+                                    residual=name.endswith("residual"))
         path = out / f"{name}.pbs2p"
         src = tiny_model_factory(family)
         if emb == "q4_0":
             src = _uneven_norms(src, out / f"{name}-src")
-        pipeline.export(str(src), path, cfg)
+        _, stats = pipeline.export(str(src), path, cfg)
+        if cfg.residual:  # a second ±1 bit on every kept weight of every linear
+            assert stats["param_bits"] == pytest.approx(2 * 6 / 8)
         ref = fakequant.load_fakequant(path, act_quant=True)
         ids = rng.integers(0, ref.config.vocab_size, size=TOKENS).astype(np.int32)
         with torch.no_grad():
@@ -91,7 +96,7 @@ def test_c_model_arm_under_qemu(fixtures, triple, qemu):
     assert "SKIP" not in r.stdout
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-opt", "tiny-llama-dense"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-opt", "tiny-llama-dense", "tiny-llama-residual"])
 def test_greedy_64_tokens_match_pytorch(fixtures, name):
     """Greedy decoding for 64 steps gives identical tokens in the C runtime (through the bindings) and in the
     PyTorch fake-quant model: PyTorch decodes, the runtime scores that sequence once, and its argmax must

@@ -90,7 +90,7 @@ def test_other_bad_options(capsys, tmp_path, tiny_model_factory):
     out = tmp_path / "m.bin"
     for extra, msg in ((["--steps", "x"], "--steps"), (["--block-size", "100"], "multiple of 64"),
                        (["--calib", str(tmp_path / "none.txt")], "no such file"), (["--nsamples", "0"], "nsamples"),
-                       (["--device", "tpu"], "--device")):
+                       (["--device", "tpu"], "--device"), (["--salient", "--residual"], "choose one")):
         rc, err = run_main(capsys, [d, "--out", str(out), *FAST, *extra])
         assert rc != 0 and msg in err, (extra, err)
         assert not out.exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pbs2p.exporter.solver import (HessianAccumulator, SolverConfig, _refine, compress_layer)
+from pbs2p.exporter.solver import (HessianAccumulator, SolverConfig, _refine, _refine2, compress_layer)
 from pbs2p.format import dequantize_sb, pack_sb, sb_value
 
 METHODS = ("pbs2p", "sign", "billm", "arb", "stbllm")
@@ -62,13 +62,13 @@ def test_nm_structure_and_exact_zeros(method, n, m):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("K,salient", [(256, False), (576, True), (576, False)])
-def test_w_hat_is_the_packed_file(method, K, salient):
+@pytest.mark.parametrize("K,extra", [(256, None), (576, "salient"), (576, "residual"), (576, None)])
+def test_w_hat_is_the_packed_file(method, K, extra):
     W, H = make_layer(2, R=40, K=K)
-    cfg = SolverConfig(method=method, n=6, m=8, salient=salient)
+    cfg = SolverConfig(method=method, n=6, m=8, salient=extra == "salient", residual=extra == "residual")
     res = compress_layer(W, H, cfg)
     nb = -(-K // cfg.block_size)
-    T = 2 if (salient or method == "billm") else 1
+    T = 2 if (extra or method == "billm") else 1
     assert res.terms.dtype == np.int8 and res.terms.shape == (T, 40, K)
     assert res.alpha.dtype == np.float16 and res.alpha.shape == (40, T, nb)
     assert res.mu.dtype == np.float16 and res.mu.shape == (40, nb)
@@ -191,6 +191,51 @@ def test_salient_term_lowers_weight_error():
     assert sal.terms.shape[0] == 2 and sal.stats["salient_cols"] > 0
     assert sal.stats["err_w"] < base.stats["err_w"]
     assert sal.stats["param_bits"] > base.stats["param_bits"]
+
+
+def test_residual_term_covers_kept_weights_and_is_least_squares():
+    """residual: term 1 on every kept weight and only there, SPBO's mask unchanged; per row and block, (μ, α_0, α_1)
+    are the least-squares fit for the signs the file holds (up to f16 rounding); the error is below the salient
+    search's (same file bytes) and the one-term fit's."""
+    W, H = make_layer(24, R=64, K=320)  # 320: a partial last block of 64 columns
+    cfg = dict(method="pbs2p", n=6, m=8, compensate=False)
+    one = compress_layer(W, H, SolverConfig(**cfg))
+    res = compress_layer(W, H, SolverConfig(**cfg, residual=True))
+    sal = compress_layer(W, H, SolverConfig(**cfg, salient=True))
+    kept = res.terms[0] != 0
+    np.testing.assert_array_equal(kept, one.terms[0] != 0)
+    np.testing.assert_array_equal(res.terms[1] != 0, kept)
+    Wn = W.double().numpy()
+    for b, i1 in enumerate(range(0, 320, 128)):
+        sl = slice(i1, min(i1 + 128, 320))
+        for row in range(0, 64, 9):
+            k = kept[row, sl]
+            A = np.stack([np.ones(k.sum()), res.terms[0][row, sl][k], res.terms[1][row, sl][k]], 1)
+            x = np.linalg.lstsq(A, Wn[row, sl][k], rcond=None)[0]
+            got = [res.mu[row, b], res.alpha[row, 0, b], res.alpha[row, 1, b]]
+            np.testing.assert_allclose(np.array(got, np.float64), x, rtol=2e-3, atol=1e-5)
+    assert res.stats["err_out"] < sal.stats["err_out"] < one.stats["err_out"]
+    assert res.stats["param_bits"] == pytest.approx(2 * 6 / 8)
+    with pytest.raises(ValueError, match="choose one"):
+        SolverConfig(salient=True, residual=True)
+
+
+def test_refine2_error_never_increases():
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(32, 128, generator=g) ** 3
+    mf = (torch.rand(32, 128, generator=g) > 0.3).float()
+    a0, mu, B0 = _refine(W, mf, 15)
+    r = W - mu[:, None] - a0[:, None] * B0
+    B1 = torch.where(r >= 0, 1.0, -1.0) * mf
+    a1 = (r.abs() * mf).sum(1) / mf.sum(1)
+
+    def err(a0, a1, mu, B0, B1):
+        return float((((W - mu[:, None] - a0[:, None] * B0 - a1[:, None] * B1) * mf) ** 2).sum())
+
+    start = err(a0, a1, mu, B0, B1)
+    errs = [err(*_refine2(W, mf, B0, B1, torch.stack([mu, a0, a1], 1), it)) for it in (1, 2, 4, 15)]
+    assert all(e <= start * (1 + 1e-6) for e in errs) and errs[-1] < 0.95 * start, (start, errs)
+    assert all(e1 <= e0 * (1 + 1e-6) for e0, e1 in zip(errs, errs[1:])), errs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -73,9 +73,9 @@ def main() -> int:
         if not base:
             continue
         b, bm, bb = min(base)
-        # PBS²P with its salient plane (`+salient`) gets its own row: its file has BiLLM's bytes, so BiLLM is its
-        # same-byte rival; so does PBS²P with the paper's coarse stage (`+coarse`, off by default)
-        for label in ("", "+coarse", "+salient", "+salient+coarse"):
+        # PBS²P with a second plane (`+salient`, `+residual`) gets its own row: its file has BiLLM's bytes, so
+        # BiLLM is its same-byte rival; so does PBS²P with the paper's coarse stage (`+coarse`, off by default)
+        for label in ("", "+coarse", "+salient", "+salient+coarse", "+residual"):
             p = by.get(f"pbs2p@{s}{label}")
             if not p:
                 continue
@@ -110,7 +110,8 @@ def main() -> int:
         what = {"coarse": "the paper's CFS coarse stage (per-block N)", "magnitude": "magnitude score instead of OBS",
                 "steps1": "τ = 1 (SPBO in one step: prune M−N per group against the binary fit, refit)",
                 "steps0": "static mask (prune by OBS score first, then binarize: no SPBO)",
-                "salient": "a second binary plane on salient columns (twice the plane bytes)"}
+                "salient": "a second binary plane on salient columns (twice the plane bytes)",
+                "residual": "a second binary term on every kept weight, both refit (twice the plane bytes)"}
         for base in sorted({r["nm"] for r in abl}):
             ref = by.get(f"pbs2p@{base}")
             if ref:

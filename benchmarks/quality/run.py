@@ -7,7 +7,7 @@ A config is `fp` (the original model) or `METHOD@NM[+FLAG...]`, METHOD one of pb
 `dense` or `N:M`, FLAG one of `coarse` (the paper's CFS coarse stage: per-block N; off by default since
 session 6 — rows made before were relabelled, see benchmarks/results/*.md), `magnitude` (fine-stage score),
 `steps1` (one-shot SPBO), `steps0` (static mask, then binarize), `salient` (a second binary plane on salient
-columns, as `pbs2p-export --salient`). Per config, in one
+columns, as `pbs2p-export --salient`), `residual` (a second term on every kept weight, `--residual`). Per config, in one
 process: the original weights are restored, the export runs exactly as `pbs2p-export` does (same calibration
 windows for every config), the file is written and its storage bits per weight counted from its bytes, then
 the PyTorch model holding the file's weights (fake-quant; weights only, as the papers report) is scored on
@@ -36,7 +36,8 @@ C4 = DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
 # config flag -> the ExportConfig field it sets and the value (one table: parse_config checks against it,
 # export_config applies it)
 FLAGS = {"coarse": ("coarse", True), "magnitude": ("score", "magnitude"),
-         "steps1": ("steps", 1), "steps0": ("steps", 0), "salient": ("salient", True)}
+         "steps1": ("steps", 1), "steps0": ("steps", 0), "salient": ("salient", True),
+         "residual": ("residual", True)}
 
 
 def parse_config(s: str) -> dict:
