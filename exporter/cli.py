@@ -75,9 +75,9 @@ def config_from_args(a: argparse.Namespace) -> P.ExportConfig:
     nsamples = a.nsamples if a.nsamples is not None else (CAL.PAPER_NSAMPLES if a.paper else CAL.DEFAULT_NSAMPLES)
     seqlen = a.seqlen if a.seqlen is not None else (CAL.PAPER_SEQLEN if a.paper else CAL.DEFAULT_SEQLEN)
     cfg = P.ExportConfig(method=a.method, nm=nm, coarse=a.coarse, score=a.score, steps=steps, salient=a.salient,
-                         residual=a.residual, compensate=not a.no_compensate, block_size=a.block_size, percdamp=a.percdamp,
-                         arb_iters=a.arb_iters, embed_type=a.embed_type, calib=a.calib, nsamples=nsamples,
-                         seqlen=seqlen, seed=a.seed, device=a.device, progress=not a.quiet,
+                         residual=a.residual, compensate=not a.no_compensate, block_size=a.block_size,
+                         percdamp=a.percdamp, arb_iters=a.arb_iters, embed_type=a.embed_type, calib=a.calib,
+                         nsamples=nsamples, seqlen=seqlen, seed=a.seed, device=a.device, progress=not a.quiet,
                          checkpoint=None if a.no_checkpoint else (a.checkpoint_dir or f"{a.out}.ckpt"))
     cfg.validate()
     return cfg

@@ -159,9 +159,10 @@ def _refine(W: torch.Tensor, mf: torch.Tensor, iters: int, B: torch.Tensor | Non
 
 def _refine2(W: torch.Tensor, mf: torch.Tensor, B0: torch.Tensor, B1: torch.Tensor, x: torch.Tensor, iters: int):
     """Two binary terms on the kept entries, W ≈ μ + α_0·B_0 + α_1·B_1 (four levels per row), by alternation:
-    (μ, α_0, α_1) ← least squares for the signs (3×3 normal equations per row); B_0 ← sign(α_0·(W − μ − α_1B_1));
-    B_1 ← sign(α_1·(W − μ − α_0B_0)). Each step is optimal given the rest, so the error never increases; a row
-    whose system is singular keeps its previous fit; x (R, 3) = (μ, α_0, α_1) of the starting fit.
+    (μ, α_0, α_1) ← least squares for the signs (3×3 normal equations per row);
+    B_0 ← sign(α_0·(W − μ − α_1B_1)); B_1 ← sign(α_1·(W − μ − α_0B_0)). Each step is optimal given the rest,
+    so the error never increases; a row whose system is singular keeps its previous fit. x (R, 3) = (μ, α_0, α_1)
+    of the starting fit.
     Returns α_0, α_1, μ (R,), B_0, B_1."""
     n = mf.sum(1)
     q = (W * mf).sum(1)
