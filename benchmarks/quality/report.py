@@ -13,8 +13,9 @@ from pathlib import Path
 
 METHODS = ["sign", "billm", "arb", "stbllm", "pbs2p"]
 # rows of the perplexity table and bars of the plot: each method as run by default, plus PBS²P with the paper's
-# CFS coarse stage (off by default since it raised perplexity; docs/algorithm.md)
-SERIES = [(m, "") for m in METHODS] + [("pbs2p", "+coarse")]
+# CFS coarse stage (off by default since it raised perplexity; docs/algorithm.md) and with the residual term
+# (a second sign on every kept weight: BiLLM's file bytes, 2·N/M param bits)
+SERIES = [(m, "") for m in METHODS] + [("pbs2p", "+coarse"), ("pbs2p", "+residual")]
 SPARSITY = ["dense", "6:8", "5:8", "4:8"]
 
 
@@ -145,7 +146,7 @@ def main() -> int:
         ax.set_yscale("log")
         ax.set_xticks(range(len(SPARSITY)), SPARSITY)
         ax.set_ylabel("WikiText-2 perplexity (log)")
-        ax.set_title(f"1-bit methods on {first['model']}")
+        ax.set_title(f"{first['model']}: 1-bit methods; PBS²P +residual has 2 sign planes", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(a.png, dpi=110)
