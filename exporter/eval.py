@@ -22,7 +22,17 @@ from typing import Any
 
 import torch
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKI_REL = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def default_text() -> Path:
+    """../shared/data/wikitext-2-raw/wiki.test.raw beside the current folder (the repository root, when run from
+    it), else beside the source tree (a checkout used without installing); the first if neither exists."""
+    here = Path.cwd().parent / WIKI_REL
+    for cand in (here, Path(__file__).resolve().parents[2] / WIKI_REL):
+        if cand.is_file():
+            return cand
+    return here
 
 
 class EvalError(ValueError):
@@ -84,7 +94,7 @@ def load_tokenizer(spec: str | None, file: str | None) -> Any:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pbs2p-eval", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("text", nargs="?", default=None, help=f"text file (default {DEFAULT_TEXT})")
+    ap.add_argument("text", nargs="?", default=None, help="text file (default ../shared/data/wikitext-2-raw/wiki.test.raw)")
     ap.add_argument("--model", nargs="?", const="", default=None,
                     help="evaluate the original model (value: HF folder / .gguf / hub id; bare flag: default SmolLM2)")
     ap.add_argument("--file", help="evaluate the fake-quant PyTorch model of an exported file")
@@ -107,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(f"--max-windows {a.max_windows}: must be >= 1")
         if a.model is None and a.file is None and a.runtime is None:
             raise EvalError("nothing to evaluate: give --model [MODEL], --file model.bin and/or --runtime model.bin")
-        text_path = Path(a.text) if a.text else DEFAULT_TEXT
+        text_path = Path(a.text) if a.text else default_text()
         if not text_path.is_file():
             raise EvalError(f"{text_path}: no such text file")
         for f in (a.file, a.runtime):

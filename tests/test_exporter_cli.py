@@ -128,3 +128,14 @@ def test_eval_cli(capsys, tmp_path, tiny_model_factory):
     assert E.main([str(tmp_path / "none.txt"), "--file", str(out), "-q"]) == 1
     err = capsys.readouterr().err
     assert err.count("pbs2p-eval: error") == 3
+
+
+def test_eval_default_text_is_beside_the_current_folder(tmp_path, monkeypatch):
+    """With no TEXT, pbs2p-eval reads ../shared/data/wikitext-2-raw/wiki.test.raw seen from the current folder
+    (the repository root), wherever the package is installed."""
+    wiki = tmp_path / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    wiki.parent.mkdir(parents=True)
+    wiki.write_text("x")
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    assert E.default_text().resolve() == wiki.resolve()
