@@ -94,7 +94,8 @@ def load_tokenizer(spec: str | None, file: str | None) -> Any:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pbs2p-eval", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("text", nargs="?", default=None, help="text file (default ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    ap.add_argument("text", nargs="?", default=None,
+                    help="text file (default ../shared/data/wikitext-2-raw/wiki.test.raw)")
     ap.add_argument("--model", nargs="?", const="", default=None,
                     help="evaluate the original model (value: HF folder / .gguf / hub id; bare flag: default SmolLM2)")
     ap.add_argument("--file", help="evaluate the fake-quant PyTorch model of an exported file")

@@ -157,7 +157,8 @@ def _refine(W: torch.Tensor, mf: torch.Tensor, iters: int, B: torch.Tensor | Non
     return alpha, mu, B
 
 
-def _refine2(W: torch.Tensor, mf: torch.Tensor, B0: torch.Tensor, B1: torch.Tensor, x: torch.Tensor, iters: int):
+def _refine2(W: torch.Tensor, mf: torch.Tensor, B0: torch.Tensor, B1: torch.Tensor, x: torch.Tensor,
+             iters: int):
     """Two binary terms on the kept entries, W ≈ μ + α_0·B_0 + α_1·B_1 (four levels per row), by alternation:
     (μ, α_0, α_1) ← least squares for the signs (3×3 normal equations per row);
     B_0 ← sign(α_0·(W − μ − α_1B_1)); B_1 ← sign(α_1·(W − μ − α_0B_0)). Each step is optimal given the rest,
@@ -178,18 +179,17 @@ def _refine2(W: torch.Tensor, mf: torch.Tensor, B0: torch.Tensor, B1: torch.Tens
     def err(x, B0, B1):
         return (((W - x[:, :1] - x[:, 1:2] * B0 - x[:, 2:] * B1) * mf) ** 2).sum(1)
 
-    for _ in range(max(iters, 1)):
+    rounds = max(iters, 1)  # sign updates; the scales are refit after each, and once before the first
+    for k in range(rounds + 1):
         xn, ok = solve(B0, B1)
-        better = ok & (err(xn, B0, B1) <= err(x, B0, B1))
-        x = torch.where(better[:, None], xn, x)
+        x = torch.where((ok & (err(xn, B0, B1) <= err(x, B0, B1)))[:, None], xn, x)
+        if k == rounds:
+            break
         nb0 = _sgn(x[:, 1:2] * (W - x[:, :1] - x[:, 2:] * B1)) * mf
         nb1 = _sgn(x[:, 2:] * (W - x[:, :1] - x[:, 1:2] * nb0)) * mf
         if torch.equal(nb0, B0) and torch.equal(nb1, B1):
             break
         B0, B1 = nb0, nb1
-    else:
-        xn, ok = solve(B0, B1)
-        x = torch.where((ok & (err(xn, B0, B1) <= err(x, B0, B1)))[:, None], xn, x)
     return x[:, 1], x[:, 2], x[:, 0], B0, B1
 
 

@@ -4,15 +4,15 @@
         --nsamples 16 --seqlen 512 --eval-windows 4 --threads 1 --out benchmarks/results/quality.jsonl
 
 A config is `fp` (the original model) or `METHOD@NM[+FLAG...]`, METHOD one of pbs2p sign billm arb stbllm, NM
-`dense` or `N:M`, FLAG one of `coarse` (the paper's CFS coarse stage: per-block N; off by default since
-session 6 — rows made before were relabelled, see benchmarks/results/*.md), `magnitude` (fine-stage score),
-`steps1` (one-shot SPBO), `steps0` (static mask, then binarize), `salient` (a second binary plane on salient
-columns, as `pbs2p-export --salient`), `residual` (a second term on every kept weight, `--residual`). Per config, in one
-process: the original weights are restored, the export runs exactly as `pbs2p-export` does (same calibration
-windows for every config), the file is written and its storage bits per weight counted from its bytes, then
-the PyTorch model holding the file's weights (fake-quant; weights only, as the papers report) is scored on
-the first --eval-windows non-overlapping windows of --eval-seqlen tokens of WikiText-2 test. With --runtime,
-the written file is also scored by the C runtime (int8 activations: what the product serves).
+`dense` or `N:M`, FLAG one of `coarse` (the paper's CFS coarse stage: per-block N; off by default since session 6 —
+rows made before were relabelled, see benchmarks/results/*.md), `magnitude` (fine-stage score), `steps1` (one-shot
+SPBO), `steps0` (static mask, then binarize), `salient` (a second binary plane on salient columns, as `pbs2p-export
+--salient`), `residual` (a second term on every kept weight, `--residual`). Per config, in one process: the original
+weights are restored, the export runs exactly as `pbs2p-export` does (same calibration windows for every config),
+the file is written and its storage bits per weight counted from its bytes, then the PyTorch model holding the
+file's weights (fake-quant; weights only, as the papers report) is scored on the first --eval-windows
+non-overlapping windows of --eval-seqlen tokens of WikiText-2 test. With --runtime, the written file is also scored
+by the C runtime (int8 activations: what the product serves).
 
 One JSON line per config goes to --out (appended; a config already there is skipped, so an interrupted run
 continues). benchmarks/quality/report.py turns the lines into RESULTS.md tables and a PNG.
