@@ -203,6 +203,38 @@ def run_block(block: torch.nn.Module, inps: torch.Tensor, kwargs: dict[str, Any]
     return outs
 
 
+def _run_block_hessians(block: torch.nn.Module, lins: list, inps: torch.Tensor, kwargs: dict[str, Any], dev):
+    """run_block (the block's output) while each linear's input Hessian accumulates. Linears fed the same input
+    tensor (q/k/v, gate/up) share one accumulator, found by identity of the tensor in the forward pass:
+    returns (output, {owner: HessianAccumulator}, {linear: its owner})."""
+    solver = _solver()
+    accs: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    prev: list = [None, None]  # (input tensor, linear) of the last hook call
+
+    def hook(g: str, x: torch.Tensor) -> None:
+        o = owner[prev[1]] if prev[0] is x else g
+        if owner.setdefault(g, o) != o:
+            raise RuntimeError(f"internal: {g}'s input is shared with {owner[g]} in one window and not in another")
+        if o == g:
+            if g not in accs:
+                accs[g] = solver.HessianAccumulator(x.shape[-1], device=dev)
+            accs[g].add_batch(x)
+        prev[:] = [x, g]
+
+    hooks = [lin.register_forward_hook(lambda mod, inp, out, g=g: hook(g, inp[0])) for _, g, lin in lins]
+    try:
+        out = run_block(block, inps, kwargs)
+    finally:
+        for hk in hooks:
+            hk.remove()
+        prev.clear()
+    missing = [g for _, g, _ in lins if g not in owner]
+    if missing:
+        raise RuntimeError(f"internal: the block's forward pass never called {', '.join(missing)}")
+    return out, accs, owner
+
+
 def _rel(num: float, den: float) -> float:
     return float(num / den) if den > 0 else 0.0
 
@@ -300,14 +332,7 @@ def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calib
         if li < done:
             continue
         lins = A.block_linears(layer, fam)
-        accs = {g: solver.HessianAccumulator(lin.weight.shape[1], device=dev) for _, g, lin in lins}
-        hooks = [lin.register_forward_hook(lambda mod, inp, out, g=g: accs[g].add_batch(inp[0].detach()))
-                 for _, g, lin in lins]
-        try:
-            fp_out = run_block(layer, inps, kwargs)
-        finally:
-            for hk in hooks:
-                hk.remove()
+        fp_out, accs, owner = _run_block_hessians(layer, lins, inps, kwargs, dev)
         n_l = nm_n[li] if cfg.nm else 8
         m_l = m if cfg.nm else 8
         scfg = solver.SolverConfig(method=cfg.method, n=n_l, m=m_l, block_size=cfg.block_size,
@@ -318,22 +343,18 @@ def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calib
             bar.set_postfix_str(f"blk {li} {gname}")
             t1 = time.time()
             W = lin.weight.data.float().clone()
-            H = accs[gname].H
-            res = solver.compress_layer(W, H, scfg)
+            res = solver.compress_layer(W, accs[owner[gname]].H, scfg)
             w_hat = res.w_hat.to(device=W.device, dtype=torch.float32)
             sb = fmt.pack_sb(res.terms, res.alpha, res.mu, cfg.block_size)
             if not np.array_equal(fmt.sb_value(res.terms, res.alpha, res.mu, cfg.block_size), w_hat.cpu().numpy()):
                 raise RuntimeError(f"blk.{li}.{gname}: solver w_hat differs from sb_value of its own terms")
             lin.weight.data.copy_(w_hat)
-            d = W - w_hat
-            Hd = H.to(d.device, torch.float32)
-            oerr = _rel(float(((d @ Hd) * d).sum()), float(((W @ Hd) * W).sum()))
-            werr = _rel(float((d ** 2).sum()), float((W ** 2).sum()))
             linears[f"blk.{li}.{gname}"] = sb
-            records.append(LayerRecord(li, gname, tuple(W.shape), n_l, m_l, werr, oerr, time.time() - t1,
-                                       sb.nbytes(), fmt.param_bits(sb), dict(res.stats or {})))
-            del accs[gname]
+            records.append(LayerRecord(li, gname, tuple(W.shape), n_l, m_l, res.stats["err_w"],
+                                       res.stats["err_out"], time.time() - t1, sb.nbytes(), fmt.param_bits(sb),
+                                       dict(res.stats)))
             bar.update(1)
+        del accs
         q_out = run_block(layer, inps, kwargs)
         block_err.append(_rel(float(((q_out - fp_out) ** 2).sum()), float((fp_out ** 2).sum())))
         if ckpt is not None:

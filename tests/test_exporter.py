@@ -136,6 +136,39 @@ def test_biases_and_tying(tiny_model_factory, tmp_path):
     assert {"position_embd.weight", "output_norm.bias", "blk.1.ffn_up.bias", "blk.1.attn_norm.bias"} <= names
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_hessians_shared_by_identical_inputs(tiny_model_factory, family):
+    """One accumulator per distinct input tensor (q/k/v share one, gate/up another); each equals the Hessian of the
+    inputs its linears were really fed."""
+    from pbs2p.exporter import solver
+
+    loaded = M.load(str(tiny_model_factory(family)))
+    fam = A.family_of(loaded.model.config)
+    windows = torch.randint(0, loaded.model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inps, kwargs = P.capture_block0_inputs(loaded.model, fam, windows, torch.device("cpu"))
+        block = A.blocks(loaded.model, fam)[0]
+        lins = A.block_linears(block, fam)
+        seen = {g: [] for _, g, _ in lins}
+        hooks = [lin.register_forward_hook(lambda mod, inp, out, g=g: seen[g].append(inp[0].clone()))
+                 for _, g, lin in lins]
+        ref_out = P.run_block(block, inps, kwargs)
+        for hk in hooks:
+            hk.remove()
+        out, accs, owner = P._run_block_hessians(block, lins, inps, kwargs, torch.device("cpu"))
+    assert torch.equal(out, ref_out)
+    shared = {"llama": {"attn_k": "attn_q", "attn_v": "attn_q", "ffn_up": "ffn_gate"},
+              "qwen2": {"attn_k": "attn_q", "attn_v": "attn_q", "ffn_up": "ffn_gate"},
+              "opt": {"attn_k": "attn_q", "attn_v": "attn_q"}}[family]
+    assert owner == {g: shared.get(g, g) for _, g, _ in lins}
+    assert set(accs) == set(owner.values())
+    for g, o in owner.items():
+        ref = solver.HessianAccumulator(seen[g][0].shape[-1])
+        for x in seen[g]:
+            ref.add_batch(x)
+        assert torch.equal(accs[o].H, ref.H), g
+
+
 def test_byte_identical_reexport(tiny_model_factory, tmp_path):
     d = tiny_model_factory("llama")
     do_export(d, tmp_path / "a.bin", nm=(6, 8))

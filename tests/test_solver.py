@@ -38,14 +38,20 @@ def out_err(W, w_hat, H):
     return float(((E @ H.double()) * E).sum() / ((W.double() @ H.double()) * W.double()).sum())
 
 
-def test_hessian_accumulator_is_running_mean():
+@pytest.mark.parametrize("K", [32, 2 * HessianAccumulator.TILE + 37])
+def test_hessian_accumulator_is_running_mean(K):
+    # K above 2 tiles: three strips of the upper triangle, the last one partial, mirrored into the lower one
     g = torch.Generator().manual_seed(1)
-    X = torch.randn(300, 32, generator=g)
-    acc = HessianAccumulator(32)
-    for chunk in (X[:7], X[7:100].reshape(3, 31, 32), X[100:]):
+    X = torch.randn(300, K, generator=g)
+    acc = HessianAccumulator(K)
+    for chunk in (X[:7], X[7:100].reshape(3, 31, K)):
         acc.add_batch(chunk)
+    torch.testing.assert_close(acc.H, 2.0 / 100 * X[:100].T @ X[:100], rtol=1e-5, atol=1e-6)
+    acc.add_batch(X[100:])  # more rows after H was read (and mirrored) once
     assert acc.nsamples == 300
-    torch.testing.assert_close(acc.H, 2.0 / 300 * X.T @ X, rtol=1e-5, atol=1e-6)
+    H = acc.H
+    assert torch.equal(H, H.T)
+    torch.testing.assert_close(H, 2.0 / 300 * X.T @ X, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
