@@ -36,3 +36,29 @@ def test_comparison_separates_same_bpw_baselines(tmp_path: Path) -> None:
     assert table["6:8 +salient"] == ["900 (4.38)", "billm 600 (4.38)", "0.67×", "billm 600", "0.67×"]
     # PBS²P with the paper's coarse stage (not the default) gets its own row too
     assert table["4:8 +coarse"] == ["1500 (2.25)", "billm 3000 (4.38)", "2.00×", "—", "—"]
+
+
+def test_ablation_rows_name_their_nearest_reference(tmp_path: Path) -> None:
+    def flagged(config: str, ppl: float) -> dict:
+        base, *flags = config.split("+")
+        return dict(_row(base, ppl, 4.375), config=config, flags=flags)
+
+    rows = [_row("pbs2p@6:8", 2000.0, 2.25), flagged("pbs2p@6:8+residual", 50.0),
+            flagged("pbs2p@6:8+residual+magnitude", 55.0), flagged("pbs2p@6:8+salient+coarse", 1800.0),
+            flagged("pbs2p@5:8+residual", 60.0)]
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, str(REPORT), str(f)], capture_output=True, text=True, check=True).stdout
+    abl = out[out.index("### Ablations"):]
+    table = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+             for ln in abl.splitlines() if ln.startswith("| `")}
+    # one flag less: the ablation flag is the change, the two-plane variant the reference
+    assert table["`pbs2p@6:8+residual+magnitude`"][:2] == ["`pbs2p@6:8+residual`", "magnitude score instead of OBS"]
+    assert table["`pbs2p@6:8+residual+magnitude`"][2] == "55 (50)"
+    assert table["`pbs2p@6:8+residual`"][0] == "`pbs2p@6:8`"
+    # `+salient` alone was not measured: read against the default, every flag named as a change
+    assert table["`pbs2p@6:8+salient+coarse`"][0] == "`pbs2p@6:8`"
+    assert "salient columns" in table["`pbs2p@6:8+salient+coarse`"][1]
+    assert "coarse stage" in table["`pbs2p@6:8+salient+coarse`"][1]
+    # no default at 5:8: no reference rather than a wrong one
+    assert table["`pbs2p@5:8+residual`"][0] == "—"

@@ -106,22 +106,29 @@ def main() -> int:
     abl = [r for r in rows if r.get("method") == "pbs2p" and r.get("flags")]
     if abl:
         print("### Ablations (PBS²P, same calibration and evaluation)\n")
-        print("| config | what changes | PPL | mean layer out-err |")
-        print("|---|---|---|---|")
         what = {"coarse": "the paper's CFS coarse stage (per-block N)", "magnitude": "magnitude score instead of OBS",
                 "steps1": "τ = 1 (SPBO in one step: prune M−N per group against the binary fit, refit)",
                 "steps0": "static mask (prune by OBS score first, then binarize: no SPBO)",
                 "salient": "a second binary plane on salient columns (twice the plane bytes)",
                 "residual": "a second binary term on every kept weight, both refit (twice the plane bytes)"}
-        for base in sorted({r["nm"] for r in abl}):
-            ref = by.get(f"pbs2p@{base}")
-            if ref:
-                print(f"| `pbs2p@{base}` | default (uniform N, OBS score, τ = M − N) | {fmt_ppl(ref['ppl'])} | "
-                      f"{num(ref['mean_layer_out_err'], '.4f')} |")
-            for r in abl:
-                if r["nm"] == base:
-                    print(f"| `{r['config']}` | {', '.join(what.get(f, f) for f in r['flags'])} | "
-                          f"{fmt_ppl(r['ppl'])} | {num(r['mean_layer_out_err'], '.4f')} |")
+        # each row against its nearest measured reference: the same config less one flag (an ablation flag first,
+        # so `+residual+magnitude` is read against `+residual`), else the default at its N:M with every flag listed
+        print("| config | against | what changes | PPL (reference) | mean layer out-err (reference) |")
+        print("|---|---|---|---|---|")
+        for r in sorted(abl, key=lambda r: (r["nm"], len(r["flags"]), r["config"])):
+            flags, ref, changed = r["flags"], None, r["flags"]
+            for f in sorted(flags, key=lambda f: f in ("salient", "residual")):
+                name = f"pbs2p@{r['nm']}" + "".join(f"+{g}" for g in flags if g != f)
+                if name in by:
+                    ref, changed = by[name], [f]
+                    break
+            if ref is None:
+                ref = by.get(f"pbs2p@{r['nm']}")
+            against = f"`{ref['config']}`" if ref else "—"
+            print(f"| `{r['config']}` | {against} | "
+                  f"{', '.join(what.get(f, f) for f in changed)} | {fmt_ppl(r['ppl'])} "
+                  f"({fmt_ppl(ref['ppl']) if ref else '—'}) | {num(r['mean_layer_out_err'], '.4f')} "
+                  f"({num(ref['mean_layer_out_err'], '.4f') if ref else '—'}) |")
         print()
 
     if a.png:
