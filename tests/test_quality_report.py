@@ -18,6 +18,12 @@ def _row(config: str, ppl: float, bpw: float) -> dict:
             "tokens_scored": 10, "eval_s": 1.0}
 
 
+def _table(text: str, starts: tuple[str, ...]) -> dict[str, list[str]]:
+    """The markdown rows of text that start with one of starts, by first cell."""
+    return {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in text.splitlines() if ln.startswith(starts)}
+
+
 def test_comparison_separates_same_bpw_baselines(tmp_path: Path) -> None:
     rows = [_row("pbs2p@6:8", 2000.0, 2.25), _row("stbllm@6:8", 5000.0, 2.25), _row("billm@6:8", 600.0, 4.375),
             _row("pbs2p@4:8", 1000.0, 2.25), _row("billm@4:8", 3000.0, 4.375),
@@ -26,8 +32,7 @@ def test_comparison_separates_same_bpw_baselines(tmp_path: Path) -> None:
     f = tmp_path / "r.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = subprocess.run([sys.executable, str(REPORT), str(f)], capture_output=True, text=True, check=True).stdout
-    table = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
-             for ln in out.splitlines() if ln.startswith(("| 6:8 ", "| 4:8 "))}
+    table = _table(out, ("| 6:8 ", "| 4:8 "))
     assert list(table) == ["6:8", "6:8 +salient", "4:8", "4:8 +coarse"]
     assert table["6:8"] == ["2000 (2.25)", "billm 600 (4.38)", "0.30×", "stbllm 5000", "2.50×"]
     # no baseline at PBS²P's bpw: the same-byte columns stay empty rather than borrowing BiLLM's
@@ -49,9 +54,7 @@ def test_ablation_rows_name_their_nearest_reference(tmp_path: Path) -> None:
     f = tmp_path / "r.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = subprocess.run([sys.executable, str(REPORT), str(f)], capture_output=True, text=True, check=True).stdout
-    abl = out[out.index("### Ablations"):]
-    table = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
-             for ln in abl.splitlines() if ln.startswith("| `")}
+    table = _table(out[out.index("### Ablations"):], ("| `",))
     # one flag less: the ablation flag is the change, the two-plane variant the reference
     assert table["`pbs2p@6:8+residual+magnitude`"][:2] == ["`pbs2p@6:8+residual`", "magnitude score instead of OBS"]
     assert table["`pbs2p@6:8+residual+magnitude`"][2] == "55 (50)"

@@ -124,11 +124,10 @@ def main() -> int:
                     break
             if ref is None:
                 ref = by.get(f"pbs2p@{r['nm']}")
-            against = f"`{ref['config']}`" if ref else "—"
-            print(f"| `{r['config']}` | {against} | "
-                  f"{', '.join(what.get(f, f) for f in changed)} | {fmt_ppl(r['ppl'])} "
-                  f"({fmt_ppl(ref['ppl']) if ref else '—'}) | {num(r['mean_layer_out_err'], '.4f')} "
-                  f"({num(ref['mean_layer_out_err'], '.4f') if ref else '—'}) |")
+            against, rppl, rerr = (f"`{ref['config']}`", fmt_ppl(ref["ppl"]), num(ref["mean_layer_out_err"], ".4f")) \
+                if ref else ("—", "—", "—")
+            print(f"| `{r['config']}` | {against} | {', '.join(what.get(f, f) for f in changed)} | "
+                  f"{fmt_ppl(r['ppl'])} ({rppl}) | {num(r['mean_layer_out_err'], '.4f')} ({rerr}) |")
         print()
 
     if a.png:
