@@ -65,3 +65,25 @@ def test_ablation_rows_name_their_nearest_reference(tmp_path: Path) -> None:
     assert "coarse stage" in table["`pbs2p@6:8+salient+coarse`"][1]
     # no default at 5:8: no reference rather than a wrong one
     assert table["`pbs2p@5:8+residual`"][0] == "—"
+
+
+def test_repeated_config_is_read_from_its_latest_run(tmp_path: Path) -> None:
+    rows = [_row("pbs2p@6:8", 2000.0, 2.25), dict(_row("pbs2p@6:8", 49.0, 4.375), config="pbs2p@6:8+residual",
+                                                   flags=["residual"], note="old code"),
+            _row("stbllm@6:8", 5000.0, 2.25),
+            dict(_row("pbs2p@6:8", 45.6, 4.375), config="pbs2p@6:8+residual", flags=["residual"])]
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, str(REPORT), str(f)], capture_output=True, text=True, check=True).stdout
+    # the comparison and ablation tables take the latest run, once
+    assert _table(out, ("| 6:8 ",))["6:8 +residual"][0] == "45.6 (4.38)"
+    abl = _table(out[out.index("### Ablations"):], ("| `",))
+    assert abl["`pbs2p@6:8+residual`"][2] == "45.6 (2000)"
+    assert out[out.index("### Ablations"):].count("`pbs2p@6:8+residual`") == 1
+    # every run is listed, numbered; the repeats table gives both and their spread
+    every = _table(out[out.index("### Every run"):out.index("### Repeated")], ("| `",))
+    assert every["`pbs2p@6:8+residual` (run 1/2)"][0] == "49"
+    assert every["`pbs2p@6:8+residual` (run 2/2)"][0] == "45.6"
+    assert "`pbs2p@6:8` (run" not in out
+    rep = _table(out[out.index("### Repeated"):out.index("### Ablations")], ("| `",))
+    assert rep == {"`pbs2p@6:8+residual`": ["49 → 45.6", "0.1000 → 0.1000", "7.5 %", "run 1: old code"]}

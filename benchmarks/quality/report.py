@@ -35,7 +35,12 @@ def main() -> int:
     ap.add_argument("--png", default=None)
     a = ap.parse_args()
     rows = [json.loads(s) for s in Path(a.jsonl).read_text().splitlines() if s.strip()]
-    by = {r["config"]: r for r in rows}
+    # a config run more than once (a re-export with newer code, a repeat) is read from its latest run; every run is
+    # listed, and the repeats get a table of their own: their spread is the noise floor the other rows are read with
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r["config"], []).append(r)
+    by = {c: rs[-1] for c, rs in runs.items()}
     fp = by.get("fp")
     first = rows[0]
     machines = sorted({r["machine"] for r in rows})
@@ -97,13 +102,29 @@ def main() -> int:
     for r in rows:
         if r["config"] == "fp":
             continue
-        print(f"| `{r['config']}` | {fmt_ppl(r['ppl'])} | {fmt_ppl(r.get('runtime_ppl'))} | {r['storage_bpw']:.3f} | "
-              f"{r['param_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | {num(r['mean_layer_out_err'], '.4f')} | "
+        rs = runs[r["config"]]
+        nth = f" (run {next(i for i, x in enumerate(rs) if x is r) + 1}/{len(rs)})" if len(rs) > 1 else ""
+        print(f"| `{r['config']}`{nth} | {fmt_ppl(r['ppl'])} | {fmt_ppl(r.get('runtime_ppl'))} | "
+              f"{r['storage_bpw']:.3f} | {r['param_bits']:.3f} | {r['file_bytes'] / 1e6:.1f} | "
+              f"{num(r['mean_layer_out_err'], '.4f')} | "
               f"{num(r['last_block_err'], '.4f')} | {num(r['export_s'], '.0f')} | {r['eval_s']:.0f} |"
               + (f" ({tag[r['machine']]}) |" if tag else ""))
     print()
 
-    abl = [r for r in rows if r.get("method") == "pbs2p" and r.get("flags")]
+    rep = {c: rs for c, rs in runs.items() if len(rs) > 1}
+    if rep:
+        print("### Repeated configurations (the other tables use the latest run)\n")
+        print("| config | PPL, run by run | mean layer out-err, run by run | PPL spread (max/min − 1) | notes |")
+        print("|---|---|---|---|---|")
+        for c, rs in rep.items():
+            ppl = [x["ppl"] for x in rs]
+            notes = "; ".join(f"run {i + 1}: {x['note']}" for i, x in enumerate(rs) if x.get("note"))
+            print(f"| `{c}` | {' → '.join(fmt_ppl(v) for v in ppl)} | "
+                  f"{' → '.join(num(x['mean_layer_out_err'], '.4f') for x in rs)} | "
+                  f"{100 * (max(ppl) / min(ppl) - 1):.1f} % | {notes or '—'} |")
+        print()
+
+    abl = [r for r in by.values() if r.get("method") == "pbs2p" and r.get("flags")]
     if abl:
         print("### Ablations (PBS²P, same calibration and evaluation)\n")
         what = {"coarse": "the paper's CFS coarse stage (per-block N)", "magnitude": "magnitude score instead of OBS",
