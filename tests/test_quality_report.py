@@ -24,14 +24,19 @@ def _table(text: str, starts: tuple[str, ...]) -> dict[str, list[str]]:
             for ln in text.splitlines() if ln.startswith(starts)}
 
 
+def _report(tmp_path: Path, rows: list[dict]) -> str:
+    """report.py's markdown for these JSON lines."""
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return subprocess.run([sys.executable, str(REPORT), str(f)], capture_output=True, text=True, check=True).stdout
+
+
 def test_comparison_separates_same_bpw_baselines(tmp_path: Path) -> None:
     rows = [_row("pbs2p@6:8", 2000.0, 2.25), _row("stbllm@6:8", 5000.0, 2.25), _row("billm@6:8", 600.0, 4.375),
             _row("pbs2p@4:8", 1000.0, 2.25), _row("billm@4:8", 3000.0, 4.375),
             dict(_row("pbs2p@6:8", 900.0, 4.375), config="pbs2p@6:8+salient", flags=["salient"]),
             dict(_row("pbs2p@4:8", 1500.0, 2.25), config="pbs2p@4:8+coarse", flags=["coarse"])]
-    f = tmp_path / "r.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run([sys.executable, str(REPORT), str(f)], capture_output=True, text=True, check=True).stdout
+    out = _report(tmp_path, rows)
     table = _table(out, ("| 6:8 ", "| 4:8 "))
     assert list(table) == ["6:8", "6:8 +salient", "4:8", "4:8 +coarse"]
     assert table["6:8"] == ["2000 (2.25)", "billm 600 (4.38)", "0.30×", "stbllm 5000", "2.50×"]
@@ -51,9 +56,7 @@ def test_ablation_rows_name_their_nearest_reference(tmp_path: Path) -> None:
     rows = [_row("pbs2p@6:8", 2000.0, 2.25), flagged("pbs2p@6:8+residual", 50.0),
             flagged("pbs2p@6:8+residual+magnitude", 55.0), flagged("pbs2p@6:8+salient+coarse", 1800.0),
             flagged("pbs2p@5:8+residual", 60.0)]
-    f = tmp_path / "r.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run([sys.executable, str(REPORT), str(f)], capture_output=True, text=True, check=True).stdout
+    out = _report(tmp_path, rows)
     table = _table(out[out.index("### Ablations"):], ("| `",))
     # one flag less: the ablation flag is the change, the two-plane variant the reference
     assert table["`pbs2p@6:8+residual+magnitude`"][:2] == ["`pbs2p@6:8+residual`", "magnitude score instead of OBS"]
@@ -72,9 +75,7 @@ def test_repeated_config_is_read_from_its_latest_run(tmp_path: Path) -> None:
                                                    flags=["residual"], note="old code"),
             _row("stbllm@6:8", 5000.0, 2.25),
             dict(_row("pbs2p@6:8", 45.6, 4.375), config="pbs2p@6:8+residual", flags=["residual"])]
-    f = tmp_path / "r.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run([sys.executable, str(REPORT), str(f)], capture_output=True, text=True, check=True).stdout
+    out = _report(tmp_path, rows)
     # the comparison and ablation tables take the latest run, once
     assert _table(out, ("| 6:8 ",))["6:8 +residual"][0] == "45.6 (4.38)"
     abl = _table(out[out.index("### Ablations"):], ("| `",))
