@@ -1,0 +1,52 @@
+"""benchmarks/quality/blockerr.py measures on any windows what the exporter records on its calibration windows: on
+those same windows, a file's block and linear output errors equal the export's record."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAMILIES
+
+pytest.importorskip("gguf")
+
+from pbs2p.exporter import calib  # noqa: E402
+from pbs2p.exporter import models as M  # noqa: E402
+from pbs2p.exporter import pipeline as P  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "blockerr.py"
+
+
+def _blockerr():
+    spec = importlib.util.spec_from_file_location("blockerr", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["pbs2p", "billm"])
+def test_blockerr_reproduces_export_record(tiny_model_factory, tmp_path, family, method):
+    folder = tiny_model_factory(family)
+    cfg = P.ExportConfig(method=method, nm=(6, 8), nsamples=3, seqlen=32, seed=0, progress=False)
+    out = tmp_path / "m.bin"
+    comp, _ = P.export(str(folder), out, cfg, loaded=M.load(str(folder)))
+    fresh = M.load(str(folder))
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    P.set_determinism(0)
+    windows, _ = calib.get_windows(cfg.calib, fresh.model, fresh.tokenizer, 3, 32, 0, False)
+    r = _blockerr().measure(fresh, out, windows, progress=False)
+    assert r["block_err"] == comp.block_err
+    assert len(r["layer_out_err"]) == len(comp.records)
+    for rec in comp.records:
+        assert r["layer_out_err"][f"blk.{rec.block}.{rec.name}"] == pytest.approx(rec.oerr, rel=1e-6, abs=1e-12)
+    # the model is left as it was: the file's weights go in per block and come out again
+    after = fresh.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # other windows give other numbers (the measurement depends on the text it is given)
+    g = torch.Generator().manual_seed(1)
+    other = torch.randint(0, fresh.model.config.vocab_size, windows.shape, generator=g)
+    r2 = _blockerr().measure(fresh, out, other, progress=False)
+    assert r2["block_err"] != r["block_err"]
