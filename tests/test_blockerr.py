@@ -12,7 +12,10 @@ from conftest import FAMILIES
 
 pytest.importorskip("gguf")
 
+from pbs2p import format as fmt  # noqa: E402
+from pbs2p.exporter import arch as A  # noqa: E402
 from pbs2p.exporter import calib  # noqa: E402
+from pbs2p.exporter import fakequant as F  # noqa: E402
 from pbs2p.exporter import models as M  # noqa: E402
 from pbs2p.exporter import pipeline as P  # noqa: E402
 
@@ -45,8 +48,31 @@ def test_blockerr_reproduces_export_record(tiny_model_factory, tmp_path, family,
     # the model is left as it was: the file's weights go in per block and come out again
     after = fresh.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # the attention-only and feed-forward-only block errors come on top, leaving the rest as it was
+    rp = _blockerr().measure(fresh, out, windows, progress=False, parts=True)
+    assert rp["block_err"] == r["block_err"] and rp["layer_out_err"] == r["layer_out_err"]
+    for part in ("attn", "ffn"):
+        assert len(rp[f"block_err_{part}"]) == len(r["block_err"]) and all(e > 0 for e in rp[f"block_err_{part}"])
+    assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
+    assert rp["block_err_attn"][0] == _attn_only_block0_err(folder, out, windows)
     # other windows give other numbers (the measurement depends on the text it is given)
     g = torch.Generator().manual_seed(1)
     other = torch.randint(0, fresh.model.config.vocab_size, windows.shape, generator=g)
     r2 = _blockerr().measure(fresh, out, other, progress=False)
     assert r2["block_err"] != r["block_err"]
+
+
+@torch.no_grad()
+def _attn_only_block0_err(folder: Path, out: Path, windows: torch.Tensor) -> float:
+    """Block 0's error with the file's attention linears, built by hand on a fresh copy of the model."""
+    m2 = M.load(str(folder)).model
+    fam = A.family_of(m2.config)
+    block0 = A.blocks(m2, fam)[0]
+    inps, kwargs = P.capture_block0_inputs(m2, fam, windows, torch.device("cpu"))
+    fp_out = P.run_block(block0, inps, kwargs)
+    _, _, sbs = F.read_file_weights(out)
+    for _, g, lin in A.block_linears(block0, fam):
+        if g.startswith("attn_"):
+            lin.weight.data.copy_(torch.from_numpy(fmt.dequantize_sb(sbs[f"blk.0.{g}"])))
+    q_out = P.run_block(block0, inps, kwargs)
+    return P._rel(float(((q_out - fp_out) ** 2).sum()), float((fp_out ** 2).sum()))

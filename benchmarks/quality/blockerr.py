@@ -51,10 +51,12 @@ def text_windows(kind: str, path: Path, loaded, nsamples: int, seqlen: int, seed
 
 
 @torch.no_grad()
-def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None = None, progress: bool = True
-            ) -> dict:
+def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None = None, progress: bool = True,
+            parts: bool = False) -> dict:
     """Per-block and per-linear relative (squared) output errors of fpath's linears, on windows (see the module
-    docstring). The loaded model's weights are left as they were."""
+    docstring). With parts, also each block's error with only its attention linears (attn_*) from the file and
+    with only its feed-forward ones (ffn_*), the others original, on the same inputs: where in the block the error
+    arises. The loaded model's weights are left as they were."""
     from tqdm.auto import tqdm
 
     from pbs2p import format as fmt
@@ -72,11 +74,12 @@ def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None =
     inps, kwargs = P.capture_block0_inputs(model, fam, windows, dev)
     block_err: list[float] = []
     layer_err: dict[str, float] = {}
+    parts_err: dict[str, list[float]] = {"attn_": [], "ffn_": []} if parts else {}
     for li in tqdm(range(nb), desc=fpath.name, disable=not progress, file=sys.stderr):
         layer = layers[li]
         lins = A.block_linears(layer, fam)
         fp_out, accs, owner = P._run_block_hessians(layer, lins, inps, kwargs, dev)
-        saved = {}
+        saved, quant = {}, {}
         for _, g, lin in lins:
             pre = f"blk.{li}.{g}"
             if pre not in sbs:
@@ -85,17 +88,30 @@ def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None =
             w_hat = torch.from_numpy(fmt.dequantize_sb(sbs[pre])).to(W.device)
             if w_hat.shape != W.shape:
                 raise ValueError(f"{fpath}: {pre} has shape {tuple(w_hat.shape)}, the model {tuple(W.shape)}")
-            layer_err[pre] = solver.output_error(W.float(), W.float() - w_hat, accs[owner[g]].H)
-            saved[g] = W.clone()
-            W.copy_(w_hat)
+            layer_err[pre] = solver.output_error(W, W - w_hat, accs[owner[g]].H)
+            saved[g], quant[g] = W.clone(), w_hat
         del accs
-        q_out = P.run_block(layer, inps, kwargs)
-        for _, g, lin in lins:
-            lin.weight.data.copy_(saved[g])
-        block_err.append(P._rel(float(((q_out - fp_out) ** 2).sum()), float((fp_out ** 2).sum())))
+
+        def err_with(prefixes: tuple[str, ...]) -> tuple[float, torch.Tensor]:
+            """The block's error with the file's linears whose names start with one of prefixes (others original)."""
+            for _, g, lin in lins:
+                lin.weight.data.copy_(quant[g] if g.startswith(prefixes) else saved[g])
+            out = P.run_block(layer, inps, kwargs)
+            return P._rel(float(((out - fp_out) ** 2).sum()), float((fp_out ** 2).sum())), out
+
+        try:
+            e, q_out = err_with(("",))
+            block_err.append(e)
+            for part in parts_err:
+                parts_err[part].append(err_with((part,))[0])
+        finally:
+            for _, g, lin in lins:
+                lin.weight.data.copy_(saved[g])
         inps = q_out
-    return {"block_err": block_err, "layer_out_err": layer_err,
-            "mean_layer_out_err": sum(layer_err.values()) / len(layer_err)}
+    r = {"block_err": block_err, "layer_out_err": layer_err,
+         "mean_layer_out_err": sum(layer_err.values()) / len(layer_err)}
+    r.update({f"block_err_{p.rstrip('_')}": v for p, v in parts_err.items()})
+    return r
 
 
 def main() -> int:
@@ -109,6 +125,8 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0, help="with --text c4: the export's --seed")
     ap.add_argument("--blocks", type=int, default=None, help="only the first BLOCKS blocks")
+    ap.add_argument("--parts", action="store_true", help="also each block's error with only its attention, and only "
+                    "its feed-forward, linears from the file (two more block passes per block)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="JSON-lines file (appended)")
     ap.add_argument("--quiet", action="store_true")
@@ -135,11 +153,12 @@ def main() -> int:
     print(f"loaded {a.model} in {time.time() - t:.0f} s; text: {desc}", flush=True)
     for f in a.files:
         t0 = time.time()
-        r = measure(loaded, Path(f), windows, a.blocks, not a.quiet)
+        r = measure(loaded, Path(f), windows, a.blocks, not a.quiet, a.parts)
         rec = {"file": Path(f).name, "model": Path(a.model).name, "text": desc, "tokens": int(windows.numel()),
                "blocks": len(r["block_err"]), "mean_layer_out_err": round(r["mean_layer_out_err"], 5),
                "mean_block_err": round(sum(r["block_err"]) / len(r["block_err"]), 5),
                "block_err": [round(e, 5) for e in r["block_err"]],
+               **{k: [round(e, 5) for e in v] for k, v in r.items() if k.startswith("block_err_")},
                "layer_out_err": {k: round(v, 5) for k, v in r["layer_out_err"].items()},
                "seconds": round(time.time() - t0, 1)}
         if a.out:
