@@ -15,7 +15,9 @@ is the compressed model's own output of block l − 1 (the file's linears in blo
 benchmarks/quality/run.py scores perplexity on); --text c4: the calibration windows run.py and pbs2p-export draw
 (--nsamples, --seqlen, --seed; the first --windows of them). With c4 and every calibration window, the numbers
 reproduce the export's record: block 0 exactly, later blocks up to float rounding (tests/test_blockerr.py).
-One JSON line per file and text goes to --out (appended).
+--parts adds each block's error with only its attention linears (attn_*) from the file and with only its
+feed-forward ones (ffn_*), on the same inputs: which half of the block an excess comes from. One JSON line per file
+and text goes to --out (appended).
 """
 from __future__ import annotations
 
