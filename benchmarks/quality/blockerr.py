@@ -136,6 +136,9 @@ def main() -> int:
     kind = a.text if a.text in TEXTS else "file"
     path = TEXTS.get(a.text, Path(a.text))
     if not path.is_file():
+        if kind == "file":
+            print(f"blockerr: error: {path}: no such text file", file=sys.stderr)
+            return 1
         print(f"skipped: {path} is missing (the benchmark needs ../shared/data beside the repository)")
         return 0
     for f in a.files:
