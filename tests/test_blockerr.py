@@ -49,10 +49,12 @@ def test_blockerr_reproduces_export_record(tiny_model_factory, tmp_path, family,
     after = fresh.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the attention-only and feed-forward-only block errors come on top, leaving the rest as it was
-    rp = _blockerr().measure(fresh, out, windows, progress=False, parts=True)
+    attn = "+".join(g for _, g in A.FAMILY_BY_ARCH["llama"].linears if g.startswith("attn_"))
+    rp = _blockerr().measure(fresh, out, windows, progress=False, parts=["attn_", "ffn_", attn])
     assert rp["block_err"] == r["block_err"] and rp["layer_out_err"] == r["layer_out_err"]
     for part in ("attn", "ffn"):
         assert len(rp[f"block_err_{part}"]) == len(r["block_err"]) and all(e > 0 for e in rp[f"block_err_{part}"])
+    assert rp[f"block_err_{attn}"] == rp["block_err_attn"]  # the four attention linears named one by one
     assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
     assert rp["block_err_attn"][0] == _attn_only_block0_err(folder, out, windows)
     # other windows give other numbers (the measurement depends on the text it is given)

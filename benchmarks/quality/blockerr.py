@@ -14,10 +14,11 @@ is the compressed model's own output of block l − 1 (the file's linears in blo
 --text wiki: the first --windows non-overlapping --seqlen-token windows of WikiText-2 test (the windows
 benchmarks/quality/run.py scores perplexity on); --text c4: the calibration windows run.py and pbs2p-export draw
 (--nsamples, --seqlen, --seed; the first --windows of them). With c4 and every calibration window, the numbers
-reproduce the export's record: block 0 exactly, later blocks up to float rounding (tests/test_blockerr.py).
---parts adds each block's error with only its attention linears (attn_*) from the file and with only its
-feed-forward ones (ffn_*), on the same inputs: which half of the block an excess comes from. One JSON line per file
-and text goes to --out (appended).
+reproduce the export's record (tests/test_blockerr.py: block errors exactly, linear errors to 1e-6). --parts adds
+each block's error with only its attention linears (attn_*) from the file and with only its feed-forward ones
+(ffn_*), on the same inputs: which half of the block an excess comes from. --parts GROUPS names other groups
+(comma-separated; a group is linear-name prefixes joined by +: attn_q+attn_k,attn_v+attn_output). One JSON line per
+file and text goes to --out (appended).
 """
 from __future__ import annotations
 
@@ -54,11 +55,11 @@ def text_windows(kind: str, path: Path, loaded, nsamples: int, seqlen: int, seed
 
 @torch.no_grad()
 def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None = None, progress: bool = True,
-            parts: bool = False) -> dict:
+            parts: list[str] | None = None) -> dict:
     """Per-block and per-linear relative (squared) output errors of fpath's linears, on windows (see the module
-    docstring). With parts, also each block's error with only its attention linears (attn_*) from the file and
-    with only its feed-forward ones (ffn_*), the others original, on the same inputs: where in the block the error
-    arises. The loaded model's weights are left as they were."""
+    docstring). With parts (groups of linear-name prefixes joined by +, e.g. ["attn_", "ffn_"]), also each
+    block's error with only that group's linears from the file, the others original, on the same inputs: where in
+    the block the error arises. The loaded model's weights are left as they were."""
     from tqdm.auto import tqdm
 
     from pbs2p import format as fmt
@@ -76,7 +77,7 @@ def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None =
     inps, kwargs = P.capture_block0_inputs(model, fam, windows, dev)
     block_err: list[float] = []
     layer_err: dict[str, float] = {}
-    parts_err: dict[str, list[float]] = {"attn_": [], "ffn_": []} if parts else {}
+    parts_err: dict[str, list[float]] = {p: [] for p in parts or ()}
     for li in tqdm(range(nb), desc=fpath.name, disable=not progress, file=sys.stderr):
         layer = layers[li]
         lins = A.block_linears(layer, fam)
@@ -105,7 +106,7 @@ def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None =
             e, q_out = err_with(("",))
             block_err.append(e)
             for part in parts_err:
-                parts_err[part].append(err_with((part,))[0])
+                parts_err[part].append(err_with(tuple(part.split("+")))[0])
         finally:
             for _, g, lin in lins:
                 lin.weight.data.copy_(saved[g])
@@ -127,8 +128,9 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0, help="with --text c4: the export's --seed")
     ap.add_argument("--blocks", type=int, default=None, help="only the first BLOCKS blocks")
-    ap.add_argument("--parts", action="store_true", help="also each block's error with only its attention, and only "
-                    "its feed-forward, linears from the file (two more block passes per block)")
+    ap.add_argument("--parts", nargs="?", const="attn_,ffn_", default=None,
+                    help="also each block's error with only these groups of linears from the file (default groups "
+                    "attn_,ffn_: attention, feed-forward; one more block pass per group and block)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="JSON-lines file (appended)")
     ap.add_argument("--quiet", action="store_true")
@@ -158,7 +160,7 @@ def main() -> int:
     print(f"loaded {a.model} in {time.time() - t:.0f} s; text: {desc}", flush=True)
     for f in a.files:
         t0 = time.time()
-        r = measure(loaded, Path(f), windows, a.blocks, not a.quiet, a.parts)
+        r = measure(loaded, Path(f), windows, a.blocks, not a.quiet, a.parts.split(",") if a.parts else None)
         rec = {"file": Path(f).name, "model": Path(a.model).name, "text": desc, "tokens": int(windows.numel()),
                "blocks": len(r["block_err"]), "mean_layer_out_err": round(r["mean_layer_out_err"], 5),
                "mean_block_err": round(sum(r["block_err"]) / len(r["block_err"]), 5),
