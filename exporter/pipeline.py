@@ -239,6 +239,11 @@ def _rel(num: float, den: float) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
+def block_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖² / ‖ref‖²: a compressed block's relative (squared) output error against the FP block's."""
+    return _rel(float(((out - ref) ** 2).sum()), float((ref ** 2).sum()))
+
+
 def _solver():
     from . import solver
 
@@ -356,7 +361,7 @@ def compress(loaded: Any, cfg: ExportConfig, windows: torch.Tensor | None, calib
             bar.update(1)
         del accs
         q_out = run_block(layer, inps, kwargs)
-        block_err.append(_rel(float(((q_out - fp_out) ** 2).sum()), float((fp_out ** 2).sum())))
+        block_err.append(block_error(q_out, fp_out))
         if ckpt is not None:
             ckpt.save_block(li, {g: linears[f"blk.{li}.{g}"] for _, g, _ in lins},
                             [dataclasses.asdict(r) for r in records[-len(lins):]], block_err[-1], q_out)

@@ -77,4 +77,4 @@ def _attn_only_block0_err(folder: Path, out: Path, windows: torch.Tensor) -> flo
         if g.startswith("attn_"):
             lin.weight.data.copy_(torch.from_numpy(fmt.dequantize_sb(sbs[f"blk.0.{g}"])))
     q_out = P.run_block(block0, inps, kwargs)
-    return P._rel(float(((q_out - fp_out) ** 2).sum()), float((fp_out ** 2).sum()))
+    return P.block_error(q_out, fp_out)

@@ -45,7 +45,7 @@ def text_windows(kind: str, path: Path, loaded, nsamples: int, seqlen: int, seed
     if kind == "c4":
         w, desc = calib.get_windows(str(path), loaded.model, loaded.tokenizer, nsamples, seqlen, seed, False)
     else:
-        ids = torch.tensor(loaded.tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+        ids = calib.tokenize_all(loaded.tokenizer, path.read_text(encoding="utf-8"))
         k = E.windows(ids, seqlen, n)
         w, desc = ids[: k * seqlen].reshape(k, seqlen), f"{path.name}, first {k} windows x {seqlen}"
     if n is not None and n < w.shape[0]:
@@ -100,7 +100,7 @@ def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None =
             for _, g, lin in lins:
                 lin.weight.data.copy_(quant[g] if g.startswith(prefixes) else saved[g])
             out = P.run_block(layer, inps, kwargs)
-            return P._rel(float(((out - fp_out) ** 2).sum()), float((fp_out ** 2).sum())), out
+            return P.block_error(out, fp_out), out
 
         try:
             e, q_out = err_with(("",))
