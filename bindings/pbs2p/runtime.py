@@ -14,6 +14,7 @@ import math
 import os
 import random
 import threading
+from enum import IntEnum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -21,18 +22,33 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import _ffi
-from .format import Status
 
 ffi = _ffi.ffi
 logger = logging.getLogger("pbs2p")
 
-__all__ = ["Runtime", "ModelInfo", "Pbs2pError", "TextStream", "error_class", "lib"]
+__all__ = ["Runtime", "ModelInfo", "Pbs2pError", "Status", "TextStream", "error_class", "lib"]
 
 
 # ---- errors -------------------------------------------------------------------------------------------------
 
+class Status(IntEnum):
+    """Mirror of `pbs2p_status` in runtime/include/pbs2p.h (tests/test_format_c.py checks them equal)."""
+
+    OK = 0
+    ERR_IO = 1
+    ERR_FORMAT = 2
+    ERR_VERSION = 3
+    ERR_UNSUPPORTED = 4
+    ERR_NOMEM = 5
+    ERR_INVALID_ARG = 6
+    ERR_CONTEXT_FULL = 7
+    ERR_ABORTED = 8
+    ERR_BUFFER_TOO_SMALL = 9
+    ERR_BUSY = 10
+
+
 class Pbs2pError(RuntimeError):
-    """A failure reported by the C library: `status` (format.Status) and the library's message."""
+    """A failure reported by the C library: `status` (a Status) and the library's message."""
 
     def __init__(self, status: int, message: str = "") -> None:
         try:

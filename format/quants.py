@@ -1,0 +1,82 @@
+"""Dense block types of the file (ggml's Q8_0 and Q4_0, through gguf-py's quantizers, which are ggml's reference
+rules: the bytes are what llama.cpp writes) and the runtime's int8 activation quantizer."""
+from __future__ import annotations
+
+import numpy as np
+from gguf import quants as ggq
+from gguf.constants import GGMLQuantizationType
+
+from .spec import Q8_0_BLOCK, n_blocks
+
+
+def _rows(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] % Q8_0_BLOCK:
+        raise ValueError(f"{what} needs rows whose length is a multiple of {Q8_0_BLOCK}, got shape {x.shape}")
+    return x
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """ggml Q8_0 of float32 (R, K), K % 32 == 0 -> uint8 (R, K/32·34): per block d = amax/127 (stored f16),
+    q = roundf(x · (1/d)) with the f32 d (ggml's quantize_row_q8_0_ref)."""
+    x = _rows(x, "Q8_0")  # version 1's rule: q = roundf(x / d) with the f16-rounded d
+    r, k = x.shape
+    xb = x.reshape(r, k // 32, 32)
+    d16 = (np.abs(xb).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float16)
+    d = d16.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d > 0, round_half_away(xb / np.where(d > 0, d, np.float32(1))), 0)
+    q = np.clip(q, -127, 127).astype(np.int8)
+    out = np.empty((r, k // 32, 34), dtype=np.uint8)
+    out[:, :, :2] = d16.view(np.uint8).reshape(r, k // 32, 2)
+    out[:, :, 2:] = q.view(np.uint8)
+    return out.reshape(r, k // 32 * 34)
+
+
+def quantize_q4_0(x: np.ndarray) -> np.ndarray:
+    """ggml Q4_0 of float32 (R, K), K % 32 == 0 -> uint8 (R, K/32·18): per block the value m of largest magnitude,
+    d = m / −8 (stored f16), nibble = min(15, trunc(x·(1/d) + 8.5)); byte j holds element j (low nibble) and
+    j + 16 (high nibble)."""
+    return ggq.quantize(_rows(x, "Q4_0"), GGMLQuantizationType.Q4_0)
+
+
+def _dequantize(data: np.ndarray, k: int, qtype: GGMLQuantizationType) -> np.ndarray:
+    row_bytes = k // Q8_0_BLOCK * ggq.GGML_QUANT_SIZES[qtype][1]
+    data = np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)
+    return ggq.dequantize(data, qtype).astype(np.float32, copy=False)
+
+
+def dequantize_q8_0(data: np.ndarray, k: int) -> np.ndarray:
+    """Q8_0 bytes of rows of length k -> float32 (R, k): value = d·q."""
+    return _dequantize(data, k, GGMLQuantizationType.Q8_0)
+
+
+def dequantize_q4_0(data: np.ndarray, k: int) -> np.ndarray:
+    """Q4_0 bytes of rows of length k -> float32 (R, k): value = d·(nibble − 8)."""
+    return _dequantize(data, k, GGMLQuantizationType.Q4_0)
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's roundf: halves away from zero (numpy's round is half-to-even)."""
+    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+
+
+def quantize_act(x: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The runtime's per-token, per-column-block int8 activation quantizer (docs/format.md), float32 math.
+    x (..., K) -> q int8 (..., K), s float32 (..., nb) with s_b = amax_b / 127."""
+    x = np.asarray(x, dtype=np.float32)
+    k = x.shape[-1]
+    nb = n_blocks(k, block_size)
+    pad = nb * block_size - k
+    xp = np.concatenate([x, np.zeros(x.shape[:-1] + (pad,), np.float32)], axis=-1) if pad else x
+    xb = xp.reshape(x.shape[:-1] + (nb, block_size))
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    ok = np.isfinite(amax) & (amax > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(ok, np.float32(127) / np.where(ok, amax, np.float32(1)), np.float32(0)).astype(np.float32)
+        q = np.clip(round_half_away((xb * inv).astype(np.float32)), -127, 127)
+    q = np.where(ok, q, 0).astype(np.int8).reshape(xp.shape)[..., :k]
+    s = np.where(ok, amax / np.float32(127), np.float32(0)).astype(np.float32)[..., 0]
+    return q, s
+
+

@@ -1,0 +1,199 @@
+"""Reading pbs2p files through gguf-py's GGUFReader (a memmap view): metadata, the architecture's hyper-parameters,
+each linear's input size (the spec's input-size rule), sparse-binary linears and dense tensors, and the storage
+counts of docs/format.md. pbs2p-dump, the fake-quant reference, the exporter's summary and the benchmarks read
+files through this module only."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .encoding import SbLinear
+from .quants import dequantize_q4_0, dequantize_q8_0
+from .spec import (DEFAULT_BLOCK_SIZE, KEY_ARCHITECTURE, KEY_BLOCK_SIZE, KEY_FORMAT_VERSION, LINEAR_NAMES,
+                   SUFFIX_ALPHA, SUFFIX_MU, SUFFIX_PLANES, SUFFIX_WEIGHT, FormatError, GGMLType, family_of_arch,
+                   linear_n_in)
+
+# the tensors of one linear: blk.<i>.<linear>.<weight|planes|alpha|mu>
+LINEAR_TENSOR_RE = re.compile(r"^(blk\.\d+\.(?:%s))\.(weight|planes|alpha|mu)$" % "|".join(LINEAR_NAMES))
+# the big tokenizer arrays, left out of ModelFile.kv (read them with ModelFile.value)
+TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                    "tokenizer.ggml.token_type")
+
+
+def field_value(field: Any) -> Any:
+    """A GGUFReader field as a Python value (str, number, bool, or list of those); invalid UTF-8 is replaced, so a
+    hostile file's strings print instead of raising."""
+    import gguf
+
+    types = field.types
+    if not types:
+        return None
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        if len(types) > 1 and types[1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
+        return [field.parts[i][0].item() for i in field.data]
+    if types[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+    v = field.parts[field.data[0]][0].item()
+    return bool(v) if types[0] == gguf.GGUFValueType.BOOL else v
+
+
+# GGUF value types -> ModelWriter.add_kv's vtype names (the types pbs2p files use)
+_VTYPE_SCALAR = {"UINT32": "u32", "INT32": "i32", "FLOAT32": "f32", "BOOL": "bool", "STRING": "str"}
+_VTYPE_ARRAY = {"UINT32": "arr_u32", "INT32": "arr_i32", "FLOAT32": "arr_f32", "STRING": "arr_str"}
+
+
+class ModelFile:
+    """One GGUF file opened for reading. `kv` holds every key but the big tokenizer arrays; `family` is the pbs2p
+    family (llama, qwen2, opt) or None for a GGUF file that is not a pbs2p file (strict=False only)."""
+
+    def __init__(self, path: str | os.PathLike[str], strict: bool = True) -> None:
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(os.fspath(path))
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - GGUFReader reports a cut or corrupt file as whatever numpy raises
+            raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        self._check_layout()
+        self.kv = {k: field_value(f) for k, f in self.reader.fields.items()
+                   if not k.startswith("GGUF.") and k not in TOKENIZER_ARRAYS}
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.arch = str(self.kv.get(KEY_ARCHITECTURE, ""))
+        self.version = self.kv.get(KEY_FORMAT_VERSION)
+        self.family: str | None = None
+        if self.version is None:
+            if strict:
+                raise FormatError(f"{path}: no {KEY_FORMAT_VERSION} key: not a pbs2p model file")
+        else:
+            try:
+                self.family = family_of_arch(self.arch, int(self.version))
+            except FormatError:
+                if strict:
+                    raise
+        self.block_size = int(self.kv.get(KEY_BLOCK_SIZE, DEFAULT_BLOCK_SIZE))
+
+    def _check_layout(self) -> None:
+        """What GGUFReader does not check: every tensor's data lies inside the file, starts at a multiple of the
+        alignment, and overlaps no other tensor."""
+        import gguf
+
+        size = self.path.stat().st_size
+        align = self.reader.alignment
+        if align <= 0 or align & (align - 1):
+            raise FormatError(f"{self.path}: general.alignment {align} is not a power of two")
+        spans = []
+        for t in self.reader.tensors:
+            start, n = int(t.data_offset), int(t.n_bytes)
+            if (start - self.reader.data_offset) % align:
+                raise FormatError(f"tensor '{t.name}': data offset {start} is not a multiple of the alignment {align}")
+            blck, _ = gguf.GGML_QUANT_SIZES.get(t.tensor_type, (1, 1))
+            if int(t.shape[0]) % blck:
+                raise FormatError(f"tensor '{t.name}': ne[0] = {int(t.shape[0])} is not a multiple of the block "
+                                  f"size {blck}")
+            if start + n > size or np.asarray(t.data).nbytes != n:
+                raise FormatError(f"tensor '{t.name}': data [{start}, {start + n}) exceeds the file size {size}")
+            spans.append((start, start + n, t.name))
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise FormatError(f"tensors '{a}' and '{b}' overlap")
+
+    def value(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        return default if f is None else field_value(f)
+
+    def entries(self, prefix: str) -> list[tuple[str, Any, str]]:
+        """Every key starting with prefix as (key, value, vtype), ready for ModelWriter.add_kv (to copy keys, e.g.
+        the tokenizer.* keys of a llama.cpp GGUF, into a pbs2p file)."""
+        out = []
+        for key, f in self.reader.fields.items():
+            if not key.startswith(prefix):
+                continue
+            names = [t.name for t in f.types]
+            vt = (_VTYPE_ARRAY.get(names[1]) if len(names) > 1 else None) if names[0] == "ARRAY" else \
+                _VTYPE_SCALAR.get(names[0])
+            if vt is None:
+                raise FormatError(f"{self.path}: key {key} has GGUF type {names}, which pbs2p files do not use")
+            out.append((key, field_value(f), vt))
+        return out
+
+    def hparam(self, key: str, default: Any = None) -> Any:
+        """The architecture's own key, "{general.architecture}.{key}"."""
+        return self.kv.get(f"{self.arch}.{key}", default)
+
+    def n_in(self, prefix: str) -> int:
+        """Input size of the linear blk.<i>.<linear> (the file does not store it with the linear)."""
+        n_embd, n_head = int(self.hparam("embedding_length")), int(self.hparam("attention.head_count"))
+        head_dim = int(self.hparam("attention.key_length", n_embd // n_head))
+        return linear_n_in(prefix.rsplit(".", 1)[-1], n_embd, int(self.hparam("feed_forward_length")),
+                           n_head * head_dim)
+
+    def linear_prefixes(self) -> list[str]:
+        """blk.<i>.<linear> of every linear, in file order."""
+        out: list[str] = []
+        for name in self.tensors:
+            m = LINEAR_TENSOR_RE.match(name)
+            if m and m.group(1) not in out:
+                out.append(m.group(1))
+        return out
+
+    def is_sb(self, prefix: str) -> bool:
+        return prefix + SUFFIX_PLANES in self.tensors
+
+    def sb(self, prefix: str) -> SbLinear:
+        """One sparse-binary linear, validated against docs/format.md."""
+        missing = [s for s in (SUFFIX_PLANES, SUFFIX_ALPHA, SUFFIX_MU) if prefix + s not in self.tensors]
+        if missing:
+            raise FormatError(f"sparse-binary linear {prefix} lacks its {', '.join(missing)} tensor")
+        planes = np.asarray(self.tensors[prefix + SUFFIX_PLANES].data).view(np.uint8)
+        alpha = np.asarray(self.tensors[prefix + SUFFIX_ALPHA].data)
+        mu = np.asarray(self.tensors[prefix + SUFFIX_MU].data)
+        sb = SbLinear(int(mu.shape[0]), self.n_in(prefix), self.block_size, planes, alpha, mu)
+        sb.validate()
+        return sb
+
+    def dense(self, name: str) -> np.ndarray:
+        """A dense tensor (F32, F16, Q8_0, Q4_0) as float32, numpy shape (outer..., ne0)."""
+        t = self.tensors[name]
+        data = np.asarray(t.data)
+        shape = [int(x) for x in reversed(t.shape)]  # GGUF ne order -> numpy order
+        tt = int(t.tensor_type)
+        if tt == GGMLType.Q8_0:
+            return dequantize_q8_0(data.view(np.uint8).reshape(-1), shape[-1]).reshape(shape)
+        if tt == GGMLType.Q4_0:
+            return dequantize_q4_0(data.view(np.uint8).reshape(-1), shape[-1]).reshape(shape)
+        if tt in (GGMLType.F32, GGMLType.F16):
+            return data.astype(np.float32).reshape(shape)
+        raise FormatError(f"tensor {name}: type {t.tensor_type!r} is not a pbs2p dense type")
+
+    def tensor_type(self, name: str) -> int:
+        return int(self.tensors[name].tensor_type)
+
+    def storage(self) -> dict[str, float]:
+        """Sizes counted from the file's bytes (docs/format.md, "Storage bits per weight"): the linears' bytes
+        (planes + scales, or the dense weight; biases not counted) over their weight count, the whole file's
+        bytes over the same count, and the paper's parameter bits (NaN for a file without sparse-binary
+        linears)."""
+        lin_bytes = lin_weights = 0
+        bits_kept = 0
+        for pre in self.linear_prefixes():
+            if self.is_sb(pre):
+                sb = self.sb(pre)
+                lin_bytes += sb.nbytes()
+                lin_weights += sb.n_out * sb.n_in
+                bits_kept += int(np.unpackbits(sb.planes, bitorder="little").sum())
+            else:
+                t = self.tensors[pre + SUFFIX_WEIGHT]
+                lin_bytes += int(t.n_bytes)
+                lin_weights += int(np.prod([int(x) for x in t.shape]))
+        size = self.path.stat().st_size
+        return {"file_bytes": size, "linear_bytes": lin_bytes, "linear_weights": lin_weights,
+                "storage_bpw": 8.0 * lin_bytes / max(lin_weights, 1), "file_bpw": 8.0 * size / max(lin_weights, 1),
+                "param_bits": bits_kept / max(lin_weights, 1) if bits_kept else float("nan")}

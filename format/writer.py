@@ -1,0 +1,128 @@
+"""The crash-safe writer of pbs2p files (a state machine over gguf.GGUFWriter: keys, then tensors, then commit)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .encoding import SbLinear
+from .quants import quantize_q4_0, quantize_q8_0
+from .spec import (ALIGNMENT, FORMAT_VERSION, KEY_ALIGNMENT, KEY_FORMAT_VERSION, SUFFIX_ALPHA, SUFFIX_MU,
+                   SUFFIX_PLANES, GGMLType, arch_name)
+
+
+class ModelWriter:
+    """Writes a pbs2p model file through gguf.GGUFWriter, crash-safe: everything goes to a temporary file in
+    the destination folder, which is renamed over `path` only after the last byte is written and fsynced. On
+    any exception (KeyboardInterrupt included) the temporary file is removed and `path` is untouched.
+
+    Use as a context manager: add metadata and tensors, then leave the block to commit.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], family: str, *, overwrite: bool = False) -> None:
+        import gguf
+
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists (use --force to overwrite)")
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        if not parent.is_dir():
+            raise FileNotFoundError(f"output folder {parent} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self.arch = arch_name(family)
+        self._w = gguf.GGUFWriter(str(self._tmp), self.arch)
+        self._w.data_alignment = ALIGNMENT
+        self._w.add_uint32(KEY_ALIGNMENT, ALIGNMENT)
+        self._w.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
+        self._done = False
+
+    # metadata -------------------------------------------------------------------------------------------
+    def add_kv(self, key: str, value: Any, vtype: str | None = None) -> None:
+        """Add one key. vtype: 'u32', 'i32', 'f32', 'bool', 'str', 'arr_u32', 'arr_i32', 'arr_f32', 'arr_str';
+        inferred from the Python type when None (int -> u32, float -> f32)."""
+        w = self._w
+        if vtype is None:
+            if isinstance(value, bool):
+                vtype = "bool"
+            elif isinstance(value, int):
+                vtype = "u32"
+            elif isinstance(value, float):
+                vtype = "f32"
+            elif isinstance(value, str):
+                vtype = "str"
+            else:
+                raise TypeError(f"cannot infer the GGUF type of {key}={value!r}")
+        import gguf
+
+        scalar = {"u32": w.add_uint32, "i32": w.add_int32, "f32": w.add_float32, "bool": w.add_bool,
+                  "str": w.add_string}
+        if vtype in scalar:
+            scalar[vtype](key, value)
+            return
+        sub = {"arr_u32": gguf.GGUFValueType.UINT32, "arr_i32": gguf.GGUFValueType.INT32,
+               "arr_f32": gguf.GGUFValueType.FLOAT32, "arr_str": gguf.GGUFValueType.STRING}[vtype]
+        w.add_key_value(key, list(value), gguf.GGUFValueType.ARRAY, sub_type=sub)
+
+    # tensors --------------------------------------------------------------------------------------------
+    def add_sb(self, prefix: str, sb: SbLinear) -> None:
+        sb.validate()
+        self._w.add_tensor(prefix + SUFFIX_PLANES, sb.planes.view(np.int8))
+        self._w.add_tensor(prefix + SUFFIX_ALPHA, sb.alpha)
+        self._w.add_tensor(prefix + SUFFIX_MU, sb.mu)
+
+    def add_dense(self, name: str, x: np.ndarray, gtype: GGMLType = GGMLType.F32) -> None:
+        """A float tensor as F32, F16, Q8_0 or Q4_0 (rows of the last axis)."""
+        import gguf
+
+        x = np.asarray(x, dtype=np.float32)
+        if gtype == GGMLType.F32:
+            self._w.add_tensor(name, np.ascontiguousarray(x))
+        elif gtype == GGMLType.F16:
+            self._w.add_tensor(name, x.astype(np.float16))
+        elif gtype == GGMLType.Q8_0:
+            q = quantize_q8_0(x.reshape(-1, x.shape[-1]))
+            self._w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif gtype == GGMLType.Q4_0:
+            q = quantize_q4_0(x.reshape(-1, x.shape[-1]))
+            self._w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        else:
+            raise ValueError(f"unsupported dense type {gtype!r}")
+
+    # commit ---------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        w = self._w
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self._tmp, self.path)
+        self._done = True
+
+    def abort(self) -> None:
+        try:
+            self._w.close()
+        except Exception:  # noqa: BLE001 - best effort: the temp file is removed below either way
+            pass
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ModelWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.close()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
+
+
