@@ -19,18 +19,7 @@ def _rows(x: np.ndarray, what: str) -> np.ndarray:
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     """ggml Q8_0 of float32 (R, K), K % 32 == 0 -> uint8 (R, K/32·34): per block d = amax/127 (stored f16),
     q = roundf(x · (1/d)) with the f32 d (ggml's quantize_row_q8_0_ref)."""
-    x = _rows(x, "Q8_0")  # version 1's rule: q = roundf(x / d) with the f16-rounded d
-    r, k = x.shape
-    xb = x.reshape(r, k // 32, 32)
-    d16 = (np.abs(xb).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float16)
-    d = d16.astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(d > 0, round_half_away(xb / np.where(d > 0, d, np.float32(1))), 0)
-    q = np.clip(q, -127, 127).astype(np.int8)
-    out = np.empty((r, k // 32, 34), dtype=np.uint8)
-    out[:, :, :2] = d16.view(np.uint8).reshape(r, k // 32, 2)
-    out[:, :, 2:] = q.view(np.uint8)
-    return out.reshape(r, k // 32 * 34)
+    return ggq.quantize(_rows(x, "Q8_0"), GGMLQuantizationType.Q8_0)
 
 
 def quantize_q4_0(x: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 # --- container --------------------------------------------------------------------------------------------
-FORMAT_VERSION = 1            # written by this exporter; the runtime reads 1..FORMAT_VERSION
+FORMAT_VERSION = 2            # written by this exporter; the runtime reads 1..FORMAT_VERSION
 MIN_FORMAT_VERSION = 1
 ALIGNMENT = 64                # general.alignment: every tensor's data starts at a multiple of 64 bytes
 
@@ -88,7 +88,7 @@ def arch_name(family: str) -> str:
     """general.architecture written for a family (format version FORMAT_VERSION)."""
     if family not in FAMILIES:
         raise FormatError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
-    return ARCH_PREFIX + family if FORMAT_VERSION >= 2 else family
+    return ARCH_PREFIX + family
 
 
 def family_of_arch(arch: str, version: int) -> str:
