@@ -1,4 +1,4 @@
-"""Layer-wise PBS²P solver and its baselines, in the GPTQ frame (docs/algorithm.md, /work/shared/PBS2P.md).
+"""Layer-wise PBS²P solver and its baselines, in the GPTQ frame (docs/algorithm.md; the method: the PBS²P paper, arXiv 2502.01705).
 
 One linear layer at a time: W (R, K) and its input Hessian H = 2/n Σ x xᵀ (K, K) go in, the binary terms, the
 f16 scales and the fake-quant weights Ŵ come out. Symbols follow the papers: W, H, Hinv (upper Cholesky factor

@@ -3,6 +3,7 @@ the CLI is a thin wrapper over it (same bytes for the same request)."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 import subprocess
 import sys
 
@@ -80,3 +81,14 @@ def test_config_errors():
                      (dict(solver=SolverConfig(method="arb")), "not on its nested SolverConfig")):
         with pytest.raises(ExportError, match=msg):
             QuantConfig(**bad)
+
+
+def test_example_script(tiny_model_factory, calib_file, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ex.bin"
+    r = subprocess.run([sys.executable, str(root / "examples" / "quantize.py"), str(tiny_model_factory("opt")),
+                        str(out), "--nm", "5:8", "--calib", str(calib_file), "--nsamples", "2", "--seqlen", "16"],
+                       capture_output=True, text=True, check=True)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 * 6 + 1 and all(" 5:8 " in ln for ln in lines[:-1]), r.stdout
+    assert lines[-1].startswith(f"{out}: {out.stat().st_size:,} bytes")
