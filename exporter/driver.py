@@ -24,7 +24,7 @@ import torch
 
 from pbs2p import format as fmt
 
-from . import arch, coarse, solver
+from . import arch, coarse, solver, writer
 from .config import ExportError, QuantConfig
 
 
@@ -67,8 +67,6 @@ class Result:
     def save(self, path: str | os.PathLike[str], force: bool = False) -> dict[str, float]:
         """Write the pbs2p file (temporary file + rename; an existing path needs force) and return its storage
         counts (pbs2p.format.ModelFile.storage: bytes and bits per weight counted from the file)."""
-        from . import writer
-
         writer.write(self, path, force)
         if self.checkpoint is not None:
             self.checkpoint.remove()

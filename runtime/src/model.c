@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "format-spec.h"
 #include "model.h"
 
 #define MAX_EMBD 65536
@@ -17,8 +18,14 @@
 #define MAX_HEAD_DIM 1024
 #define MAX_VOCAB (1 << 22)
 #define MAX_CTX (1 << 22)
-#define MAX_TERMS 4
-#define MAX_SB_K 65536 /* T·nb <= 4096 sums on the kernels' stack (kernels-ref.c) */
+#define MAX_TERMS PBS2P_SPEC_MAX_TERMS
+#define MAX_SB_K PBS2P_SPEC_MAX_BLOCK_SIZE /* T·nb <= 4096 sums on the kernels' stack (kernels-ref.c) */
+_Static_assert(PBS2P_FORMAT_VERSION == PBS2P_SPEC_FORMAT_VERSION, "pbs2p.h and format/spec.py disagree on the version");
+_Static_assert(MAX_TERMS * (MAX_SB_K / PBS2P_SPEC_BLOCK_SIZE_MULTIPLE) <= 4096, "kernels' stack sums");
+_Static_assert(GGML_TYPE_F32 == PBS2P_SPEC_TYPE_F32 && GGML_TYPE_F16 == PBS2P_SPEC_TYPE_F16 &&
+                   GGML_TYPE_Q4_0 == PBS2P_SPEC_TYPE_Q4_0 && GGML_TYPE_Q8_0 == PBS2P_SPEC_TYPE_Q8_0 &&
+                   GGML_TYPE_I8 == PBS2P_SPEC_TYPE_I8,
+               "ggml type ids");
 
 /* ---------------------------------------------------------------------------------------------------------
  * Loading */
@@ -127,11 +134,11 @@ static pbs2p_status bind_linear(pbs2p_model *m, const char *prefix, int32_t R, i
     L->n_in = K;
     snprintf(name, sizeof name, "%s.weight", prefix);
     const gguf_tensor *tw = find_tensor(m, name);
-    snprintf(name, sizeof name, "%s.planes", prefix);
+    snprintf(name, sizeof name, "%s" PBS2P_SPEC_SUFFIX_PLANES, prefix);
     const gguf_tensor *tp = find_tensor(m, name);
-    snprintf(name, sizeof name, "%s.alpha", prefix);
+    snprintf(name, sizeof name, "%s" PBS2P_SPEC_SUFFIX_ALPHA, prefix);
     const gguf_tensor *ta = find_tensor(m, name);
-    snprintf(name, sizeof name, "%s.mu", prefix);
+    snprintf(name, sizeof name, "%s" PBS2P_SPEC_SUFFIX_MU, prefix);
     const gguf_tensor *tm = find_tensor(m, name);
     pbs2p_status st;
     if (tw && (tp || ta || tm))
@@ -214,26 +221,40 @@ static pbs2p_status load_config(pbs2p_model *m) {
     gguf_str s;
 
     uint32_t version = 0;
-    if (!pbs2p_gguf_find_kv(f, "pbs2p.format_version"))
+    if (!pbs2p_gguf_find_kv(f, PBS2P_SPEC_KEY_FORMAT_VERSION))
         return PBS2P_FAIL(PBS2P_ERR_FORMAT,
-                          "no pbs2p.format_version key: not a pbs2p model file (this runtime reads version %d; a "
-                          "llama.cpp GGUF is not one)", PBS2P_FORMAT_VERSION);
-    if ((st = pbs2p_gguf_get_u32(f, "pbs2p.format_version", 1, &version))) return st;
-    if (version > PBS2P_FORMAT_VERSION)
-        return PBS2P_FAIL(PBS2P_ERR_VERSION, "file has pbs2p.format_version %u, this runtime reads up to %d", version,
+                          "no " PBS2P_SPEC_KEY_FORMAT_VERSION " key: not a pbs2p model file (this runtime reads "
+                          "versions %d..%d; a llama.cpp GGUF is not one)", PBS2P_SPEC_MIN_FORMAT_VERSION,
                           PBS2P_FORMAT_VERSION);
-    if (version < 1) return PBS2P_FAIL(PBS2P_ERR_FORMAT, "pbs2p.format_version %u is invalid", version);
+    if ((st = pbs2p_gguf_get_u32(f, PBS2P_SPEC_KEY_FORMAT_VERSION, 1, &version))) return st;
+    if (version > PBS2P_FORMAT_VERSION)
+        return PBS2P_FAIL(PBS2P_ERR_VERSION, "file has " PBS2P_SPEC_KEY_FORMAT_VERSION " %u, this runtime reads up to %d",
+                          version, PBS2P_FORMAT_VERSION);
+    if (version < PBS2P_SPEC_MIN_FORMAT_VERSION)
+        return PBS2P_FAIL(PBS2P_ERR_FORMAT, PBS2P_SPEC_KEY_FORMAT_VERSION " %u is invalid", version);
     c->format_version = (int32_t)version;
 
-    if ((st = pbs2p_gguf_get_str(f, "general.architecture", 1, &s))) return st;
-    const char *arch;
-    if (s.n == 5 && !memcmp(s.s, "llama", 5)) c->arch = PBS2P_ARCH_LLAMA, arch = "llama";
-    else if (s.n == 5 && !memcmp(s.s, "qwen2", 5)) c->arch = PBS2P_ARCH_QWEN2, arch = "qwen2";
-    else if (s.n == 3 && !memcmp(s.s, "opt", 3)) c->arch = PBS2P_ARCH_OPT, arch = "opt";
+    /* docs/format.md: since version 2 general.architecture is "pbs2p-<family>" (so that other GGUF readers refuse
+     * the file); version 1 used the bare family name. The architecture's keys are "<general.architecture>.<key>". */
+    if ((st = pbs2p_gguf_get_str(f, PBS2P_SPEC_KEY_ARCHITECTURE, 1, &s))) return st;
+    const size_t np = sizeof PBS2P_SPEC_ARCH_PREFIX - 1;
+    const int prefixed = s.n > np && !memcmp(s.s, PBS2P_SPEC_ARCH_PREFIX, np);
+    const gguf_str fam = prefixed ? (gguf_str){.s = s.s + np, .n = s.n - np} : s;
+    if (prefixed != (version >= 2))
+        return PBS2P_FAIL(PBS2P_ERR_FORMAT, PBS2P_SPEC_KEY_ARCHITECTURE " '%.*s' in a file of format version %u (version "
+                          "%s names the architecture %s)", (int)(s.n > 64 ? 64 : s.n), s.s, version,
+                          version >= 2 ? ">= 2" : "1", version >= 2 ? PBS2P_SPEC_ARCH_PREFIX "<family>" : "<family>");
+    const char *family;
+    if (fam.n == 5 && !memcmp(fam.s, "llama", 5)) c->arch = PBS2P_ARCH_LLAMA, family = "llama";
+    else if (fam.n == 5 && !memcmp(fam.s, "qwen2", 5)) c->arch = PBS2P_ARCH_QWEN2, family = "qwen2";
+    else if (fam.n == 3 && !memcmp(fam.s, "opt", 3)) c->arch = PBS2P_ARCH_OPT, family = "opt";
     else
-        return PBS2P_FAIL(PBS2P_ERR_UNSUPPORTED, "architecture '%.*s' is not supported (llama, qwen2, opt)",
-                          (int)(s.n > 64 ? 64 : s.n), s.s);
-    snprintf(m->info.arch, sizeof m->info.arch, "%s", arch);
+        return PBS2P_FAIL(PBS2P_ERR_UNSUPPORTED, "architecture '%.*s' is not supported (%sllama, %sqwen2, %sopt)",
+                          (int)(s.n > 64 ? 64 : s.n), s.s, prefixed ? PBS2P_SPEC_ARCH_PREFIX : "",
+                          prefixed ? PBS2P_SPEC_ARCH_PREFIX : "", prefixed ? PBS2P_SPEC_ARCH_PREFIX : "");
+    char arch[32];
+    snprintf(arch, sizeof arch, "%s%s", prefixed ? PBS2P_SPEC_ARCH_PREFIX : "", family);
+    snprintf(m->info.arch, sizeof m->info.arch, "%s", family);
 
 #define U32(suffix, req, lo, hi, dst)                                           \
     do {                                                                        \
@@ -271,7 +292,7 @@ static pbs2p_status load_config(pbs2p_model *m) {
         snprintf(key, sizeof key, "%s.attention.layer_norm_epsilon", arch);
         if ((st = pbs2p_gguf_get_f32(f, key, 0, &c->norm_eps))) return st;
         c->pos_offset = 2;
-        if ((st = get_u32_in(f, "pbs2p.pos_offset", 0, 0, 1024, &c->pos_offset))) return st;
+        if ((st = get_u32_in(f, PBS2P_SPEC_KEY_POS_OFFSET, 0, 0, 1024, &c->pos_offset))) return st;
     } else {
         c->norm_eps = 1e-5f;
         snprintf(key, sizeof key, "%s.attention.layer_norm_rms_epsilon", arch);
@@ -321,14 +342,19 @@ static pbs2p_status load_config(pbs2p_model *m) {
         return PBS2P_FAIL(PBS2P_ERR_FORMAT, "norm epsilon %g is out of range (0, 1)", (double)c->norm_eps);
 #undef U32
 
-    c->block_size = 128;
-    if ((st = get_u32_in(f, "pbs2p.block_size", 0, 64, MAX_SB_K, &c->block_size))) return st;
-    if (c->block_size % 64 != 0)
-        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "pbs2p.block_size = %d is not a multiple of 64", c->block_size);
+    c->block_size = PBS2P_SPEC_DEFAULT_BLOCK_SIZE;
+    if ((st = get_u32_in(f, PBS2P_SPEC_KEY_BLOCK_SIZE, 0, PBS2P_SPEC_BLOCK_SIZE_MULTIPLE, MAX_SB_K, &c->block_size)))
+        return st;
+    if (c->block_size % PBS2P_SPEC_BLOCK_SIZE_MULTIPLE != 0)
+        return PBS2P_FAIL(PBS2P_ERR_FORMAT, PBS2P_SPEC_KEY_BLOCK_SIZE " = %d is not a multiple of %d", c->block_size,
+                          PBS2P_SPEC_BLOCK_SIZE_MULTIPLE);
     c->nm_m = 0;
-    if ((st = get_u32_in(f, "pbs2p.nm.m", 0, 0, 64, &c->nm_m))) return st;
-    if ((st = pbs2p_gguf_get_str(f, "pbs2p.method", 0, &s))) return st;
-    if (pbs2p_gguf_find_kv(f, "pbs2p.method"))
+    if ((st = get_u32_in(f, PBS2P_SPEC_KEY_NM_M, 0, 0, 64, &c->nm_m))) return st;
+    if (c->nm_m != 0 && !PBS2P_SPEC_M_ALLOWED(c->nm_m))
+        return PBS2P_FAIL(PBS2P_ERR_FORMAT, PBS2P_SPEC_KEY_NM_M " = %d: must be 0 (nothing pruned) or one of "
+                          PBS2P_SPEC_M_ALLOWED_STR, c->nm_m);
+    if ((st = pbs2p_gguf_get_str(f, PBS2P_SPEC_KEY_METHOD, 0, &s))) return st;
+    if (pbs2p_gguf_find_kv(f, PBS2P_SPEC_KEY_METHOD))
         snprintf(m->info.method, sizeof m->info.method, "%.*s", (int)(s.n > 31 ? 31 : s.n), s.s);
     return PBS2P_OK;
 }
@@ -391,7 +417,7 @@ static pbs2p_status load_weights(pbs2p_model *m) {
     if ((st = load_vec(m, "output_norm.bias", c->n_embd, opt, &m->out_norm_b))) return st;
 
     const gguf_kv *nm_n = NULL;
-    if ((st = pbs2p_gguf_get_arr(m->file, "pbs2p.nm.n", c->nm_m > 0, GGUF_TYPE_UINT32, c->n_layer, &nm_n)))
+    if ((st = pbs2p_gguf_get_arr(m->file, PBS2P_SPEC_KEY_NM_N, c->nm_m > 0, GGUF_TYPE_UINT32, c->n_layer, &nm_n)))
         return st;
     m->layers = calloc((size_t)c->n_layer, sizeof *m->layers);
     if (!m->layers) return PBS2P_FAIL(PBS2P_ERR_NOMEM, "cannot allocate %d layers", c->n_layer);
