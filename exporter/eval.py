@@ -74,15 +74,14 @@ def perplexity(model: Any, ids: torch.Tensor, seqlen: int, max_windows: int | No
 
 def load_tokenizer(spec: str | None, file: str | None) -> Any:
     """The tokenizer to cut the text with: from --tokenizer / --model (HF folder, .gguf, hub id), else from the
-    exported file's own tokenizer metadata (transformers reads a GGUF's tokenizer.* keys), else the default."""
+    exported file's own tokenizer metadata (tokmeta.hf_tokenizer), else the default."""
     import transformers
 
-    from . import models
+    from . import models, tokmeta
 
     if spec is None and file is not None:
-        p = Path(file).resolve()
         try:
-            return transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            return tokmeta.hf_tokenizer(file)
         except Exception as e:  # noqa: BLE001 - e.g. an architecture transformers' GGUF reader lacks (opt)
             raise EvalError(f"cannot build a tokenizer from {file} ({models.one_line(e)}); pass --tokenizer") from e
     kind, folder, gguf = models.resolve(spec)
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append((f"model {loaded.source}", ppl, n, s))
             del loaded
         if a.file is not None:
-            tok = load_tokenizer(a.tokenizer, a.file)
+            tok = load_tokenizer(a.tokenizer if a.tokenizer is not None else a.model or None, a.file)
             ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
             m = fakequant.load_fakequant(a.file, act_quant=a.act_quant, device=dev)
             ppl, n, s = perplexity(m, ids, a.seqlen, a.max_windows, not a.quiet, dev, "fake-quant")

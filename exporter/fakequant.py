@@ -25,8 +25,10 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
 def quantize_act(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """format.quantize_act in torch, returned dequantized (q·s): per token (last axis), per column block of
     block_size, float32: amax_b, q = roundf(x·(127/amax_b)) clamped to ±127, s_b = amax_b/127; a block whose
-    amax is 0 (or not finite) quantizes to 0."""
-    x = x.float()
+    amax is 0 (or not finite) quantizes to 0. A float64 x is quantized in float64 (a reference whose rounding
+    decisions float32 ordering cannot flip: tests use it to find inputs that sit on int8 rounding ties)."""
+    x = x if x.dtype == torch.float64 else x.float()
+    dt, dev = x.dtype, x.device
     k = x.shape[-1]
     nb = fmt.n_blocks(k, block_size)
     pad = nb * block_size - k
@@ -34,11 +36,11 @@ def quantize_act(x: torch.Tensor, block_size: int) -> torch.Tensor:
     xb = xp.reshape(*x.shape[:-1], nb, block_size)
     amax = xb.abs().amax(dim=-1, keepdim=True)
     ok = torch.isfinite(amax) & (amax > 0)
-    inv = torch.where(ok, torch.tensor(127.0, dtype=torch.float32, device=x.device) / torch.where(ok, amax, 1.0),
-                      torch.zeros((), dtype=torch.float32, device=x.device))
+    inv = torch.where(ok, torch.tensor(127.0, dtype=dt, device=dev) / torch.where(ok, amax, 1.0),
+                      torch.zeros((), dtype=dt, device=dev))
     q = torch.clamp(round_half_away(xb * inv), -127, 127)
-    q = torch.where(ok, q, torch.zeros((), dtype=torch.float32, device=x.device))
-    s = torch.where(ok, amax / 127.0, torch.zeros((), dtype=torch.float32, device=x.device))
+    q = torch.where(ok, q, torch.zeros((), dtype=dt, device=dev))
+    s = torch.where(ok, amax / 127.0, torch.zeros((), dtype=dt, device=dev))
     return (q * s).reshape(xp.shape)[..., :k]
 
 

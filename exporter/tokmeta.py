@@ -133,3 +133,31 @@ def tokenizer_metadata(tok: Any, arch: str, n_vocab: int, gguf_path: Path | None
         if any(k == "tokenizer.ggml.tokens" for k, _, _ in kv):
             return kv
     return from_hf(tok, arch, n_vocab, name)
+
+
+def hf_tokenizer(path: str | Path) -> Any:
+    """A transformers tokenizer built from a pbs2p file's tokenizer.* keys. transformers refuses the file itself
+    (its architecture is pbs2p-<family>, on purpose), so the keys are copied into a metadata-only GGUF that names
+    the bare family, which transformers' GGUF tokenizer converter reads (llama, qwen2; not opt)."""
+    import tempfile
+
+    import gguf
+    import transformers
+
+    mf = ModelFile(path, strict=False)
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "tokenizer.gguf"
+        w = gguf.GGUFWriter(str(out), mf.family)
+        for key, value, vt in mf.entries("tokenizer."):
+            if vt.startswith("arr_"):
+                sub = {"arr_u32": gguf.GGUFValueType.UINT32, "arr_i32": gguf.GGUFValueType.INT32,
+                       "arr_f32": gguf.GGUFValueType.FLOAT32, "arr_str": gguf.GGUFValueType.STRING}[vt]
+                w.add_key_value(key, list(value), gguf.GGUFValueType.ARRAY, sub_type=sub)
+            else:
+                {"u32": w.add_uint32, "i32": w.add_int32, "f32": w.add_float32, "bool": w.add_bool,
+                 "str": w.add_string}[vt](key, value)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return transformers.AutoTokenizer.from_pretrained(d, gguf_file=out.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +48,41 @@ _VTYPE_SCALAR = {"UINT32": "u32", "INT32": "i32", "FLOAT32": "f32", "BOOL": "boo
 _VTYPE_ARRAY = {"UINT32": "arr_u32", "INT32": "arr_i32", "FLOAT32": "arr_f32", "STRING": "arr_str"}
 
 
+def _reader_class() -> type:
+    """gguf.GGUFReader, refusing before it loops what a hostile file would make it loop on: an array whose
+    elements are arrays (no GGUF file writes one; gguf-py recurses into it) or an array longer than the bytes left
+    in the file (gguf-py walks every element first)."""
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
+            if raw_type == gguf.GGUFValueType.ARRAY:
+                itype = int(self._get(orig_offs, np.uint32)[0])
+                alen = int(self._get(orig_offs + 4, np.uint64)[0])
+                if itype == gguf.GGUFValueType.ARRAY:
+                    raise ValueError(f"array at byte {orig_offs} holds arrays (nested arrays are not supported)")
+                scalar = self.gguf_scalar_to_np.get(gguf.GGUFValueType(itype)) if itype in \
+                    set(int(t) for t in gguf.GGUFValueType) else None
+                least = 8 if itype == gguf.GGUFValueType.STRING else (np.dtype(scalar).itemsize if scalar else 1)
+                left = len(self.data) - orig_offs - 12
+                if alen > left // least:
+                    raise ValueError(f"array at byte {orig_offs}: {alen} elements do not fit in the {left} bytes "
+                                     "left in the file")
+            return super()._get_field_parts(orig_offs, raw_type)
+
+    return Reader
+
+
 class ModelFile:
     """One GGUF file opened for reading. `kv` holds every key but the big tokenizer arrays; `family` is the pbs2p
     family (llama, qwen2, opt) or None for a GGUF file that is not a pbs2p file (strict=False only)."""
 
     def __init__(self, path: str | os.PathLike[str], strict: bool = True) -> None:
-        import gguf
-
         self.path = Path(path)
         try:
-            self.reader = gguf.GGUFReader(os.fspath(path))
+            with warnings.catch_warnings(), np.errstate(over="ignore"):  # _check_layout names wrapped offsets
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self.reader = _reader_class()(os.fspath(path))
         except OSError:
             raise
         except Exception as e:  # noqa: BLE001 - GGUFReader reports a cut or corrupt file as whatever numpy raises
@@ -89,9 +115,15 @@ class ModelFile:
         if align <= 0 or align & (align - 1):
             raise FormatError(f"{self.path}: general.alignment {align} is not a power of two")
         spans = []
+        base = int(self.reader.data_offset)
         for t in self.reader.tensors:
             start, n = int(t.data_offset), int(t.n_bytes)
-            if (start - self.reader.data_offset) % align:
+            if any(int(d) <= 0 for d in t.shape):
+                raise FormatError(f"tensor '{t.name}': dimensions {[int(d) for d in t.shape]} must be positive")
+            if start < base:  # gguf-py adds the offset in uint64: a huge offset wraps onto the header
+                raise FormatError(f"tensor '{t.name}': data offset wraps to byte {start}, before the data section "
+                                  f"at {base}")
+            if (start - base) % align:
                 raise FormatError(f"tensor '{t.name}': data offset {start} is not a multiple of the alignment {align}")
             blck, _ = gguf.GGML_QUANT_SIZES.get(t.tensor_type, (1, 1))
             if int(t.shape[0]) % blck:
@@ -130,10 +162,17 @@ class ModelFile:
 
     def n_in(self, prefix: str) -> int:
         """Input size of the linear blk.<i>.<linear> (the file does not store it with the linear)."""
-        n_embd, n_head = int(self.hparam("embedding_length")), int(self.hparam("attention.head_count"))
+        try:
+            n_embd, n_head = int(self.hparam("embedding_length")), int(self.hparam("attention.head_count"))
+            n_ff = int(self.hparam("feed_forward_length"))
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"{self.arch}.embedding_length, .attention.head_count and "
+                              f".feed_forward_length must be integers ({e})") from e
+        if n_embd <= 0 or n_head <= 0 or n_ff <= 0:
+            raise FormatError(f"sizes must be positive (embedding_length {n_embd}, head_count {n_head}, "
+                              f"feed_forward_length {n_ff})")
         head_dim = int(self.hparam("attention.key_length", n_embd // n_head))
-        return linear_n_in(prefix.rsplit(".", 1)[-1], n_embd, int(self.hparam("feed_forward_length")),
-                           n_head * head_dim)
+        return linear_n_in(prefix.rsplit(".", 1)[-1], n_embd, n_ff, n_head * head_dim)
 
     def linear_prefixes(self) -> list[str]:
         """blk.<i>.<linear> of every linear, in file order."""

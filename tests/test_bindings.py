@@ -16,6 +16,8 @@ import pytest
 
 from pbs2p import format as fmt
 from tiny_model import ROOT, native_library, write_tiny_model
+from conftest import need  # noqa: E402
+from pbs2p import Status  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Binary weights keep only a sign"
 # Runtime vs the PyTorch fake-quant reference (activation quantization emulated with format.quantize_act). Both
@@ -230,8 +232,7 @@ def _cli() -> Path | None:
 
 def test_perplexity_equals_cli(rt, tiny, tmp_path):
     cli = _cli()
-    if cli is None:
-        pytest.skip("pbs2p-run not built")
+    need(cli is not None, "pbs2p-run not built: set PBS2P_BUILD_DIR (tools/test.sh builds build/native)")
     import re
 
     text = (PROMPT + ". ") * 30
@@ -256,9 +257,8 @@ def test_info_and_repr(rt, tiny):
     assert i.block_size == 64 and i.format_version == fmt.FORMAT_VERSION and i.method == "random"
     assert i.file_size == os.path.getsize(tiny.path)
     from pbs2p.dump import linear_stats
-    import gguf
 
-    stats = linear_stats(gguf.GGUFReader(str(tiny.path)), rt.metadata)
+    stats = linear_stats(fmt.ModelFile(tiny.path))
     assert i.n_linear_weights == sum(s.n_out * s.n_in for s in stats)
     assert i.n_linear_bytes == sum(s.n_bytes for s in stats)
     assert i.storage_bpw == pytest.approx(8 * i.n_linear_bytes / i.n_linear_weights)
@@ -280,19 +280,19 @@ def test_errors(rt, tiny, tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="pbs2p"):
         with pytest.raises(FormatError) as e:
             Runtime(bad)
-    assert e.value.status == fmt.Status.ERR_FORMAT and e.value.message and isinstance(e.value, Pbs2pError)
+    assert e.value.status == Status.ERR_FORMAT and e.value.message and isinstance(e.value, Pbs2pError)
     assert any(e.value.message in r.getMessage() for r in caplog.records)  # C log lines reach `logging`
 
-    newer = tmp_path / "newer.bin"  # the tiny model with pbs2p.format_version patched from 1 to 2
+    newer = tmp_path / "newer.bin"  # the tiny model with pbs2p.format_version patched to one past the current
     data = bytearray(tiny.path.read_bytes())
     key = fmt.KEY_FORMAT_VERSION.encode()
     at = data.find(key) + len(key)
-    assert data[at:at + 8] == b"\x04\x00\x00\x00\x01\x00\x00\x00"  # type u32, value 1
-    data[at + 4] = 2
+    assert data[at:at + 8] == b"\x04\x00\x00\x00" + fmt.FORMAT_VERSION.to_bytes(4, "little")  # type u32
+    data[at + 4] = fmt.FORMAT_VERSION + 1
     newer.write_bytes(bytes(data))
     with pytest.raises(VersionError) as e:
         Runtime(newer)
-    assert "2" in e.value.message
+    assert str(fmt.FORMAT_VERSION + 1) in e.value.message
 
     for kw in (dict(threads=0), dict(context_length=-1), dict(seed=-1), dict(kernel=3)):
         with pytest.raises(ValueError):
@@ -456,25 +456,28 @@ def test_example_generate(tiny):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
 def test_exported_model_matches_fakequant(tiny_model_factory, tmp_path, family):
     """pbs2p.exporter → file → Runtime, against the exporter's fake-quant reference (exporter.fakequant with
-    act_quant, which includes the Q8 head's activation blocks of 32). Measured on 2:4 exports of conftest's tiny models
-    (151 tokens): median per-position error ~1e-7 of the logit range, max (tie flips) 6.5e-3, argmax 100%."""
+    act_quant). Embeddings and head are f32 here so that the comparison isolates the sparse-binary linears: with the
+    default Q8_0 the tiny OPT's 21st token puts one layer-0 activation on an int8 rounding boundary, and the flip
+    reaches every later position through attention (median 1.2e-5; with f32: 1.4e-7, none above 1e-5). The Q8_0 and
+    Q4_0 head kernels are compared in tests/test_c_model.py. Measured on 2:4 exports of conftest's tiny models
+    (151 tokens): median per-position error ~1e-7 of the logit range, argmax ≥ 95 %."""
     import torch
 
     from pbs2p import Runtime
-    from pbs2p.exporter import fakequant, pipeline
+    from pbs2p.exporter import fakequant, config, driver, writer
     from conftest import TINY_TEXT
 
     native_library()
     out = tmp_path / f"{family}.bin"
-    cfg = pipeline.ExportConfig(nm=(2, 4), nsamples=4, seqlen=32, progress=False, calib="self")
-    pipeline.export(str(tiny_model_factory(family)), out, cfg)
+    cfg = config.QuantConfig(nm=(2, 4), nsamples=4, seqlen=32, progress=False, calib="self", embed_type="f32")
+    driver.export(str(tiny_model_factory(family)), out, cfg)
     with Runtime(out, threads=2) as r:
         assert r.info.arch == family and r.info.nm == "2:4"
         ids = r.tokenize(TINY_TEXT[:300])
         got = r.logits(ids)
         full = r.generate("The quick", max_tokens=16, temperature=0)
         assert "".join(r.generate("The quick", max_tokens=16, temperature=0, stream=True)) == full
-    ref_model = fakequant.load_fakequant(out, act_quant=True)  # act_quant includes the Q8 head's blocks of 32
+    ref_model = fakequant.load_fakequant(out, act_quant=True)
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0].numpy()
     err = np.abs(got - ref).max(axis=-1) / np.abs(ref).max()

@@ -10,14 +10,12 @@ import torch
 
 from conftest import FAMILIES
 
-pytest.importorskip("gguf")
-
 from pbs2p import format as fmt  # noqa: E402
-from pbs2p.exporter import arch as A  # noqa: E402
+from pbs2p.exporter import arch  # noqa: E402
 from pbs2p.exporter import calib  # noqa: E402
-from pbs2p.exporter import fakequant as F  # noqa: E402
-from pbs2p.exporter import models as M  # noqa: E402
-from pbs2p.exporter import pipeline as P  # noqa: E402
+from pbs2p.exporter import fakequant  # noqa: E402
+from pbs2p.exporter import models  # noqa: E402
+from pbs2p.exporter import config, driver, writer  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "blockerr.py"
 
@@ -33,23 +31,23 @@ def _blockerr():
 @pytest.mark.parametrize("method", ["pbs2p", "billm"])
 def test_blockerr_reproduces_export_record(tiny_model_factory, tmp_path, family, method):
     folder = tiny_model_factory(family)
-    cfg = P.ExportConfig(method=method, nm=(6, 8), nsamples=3, seqlen=32, seed=0, progress=False)
+    cfg = config.QuantConfig(method=method, nm=(6, 8), nsamples=3, seqlen=32, seed=0, progress=False)
     out = tmp_path / "m.bin"
-    comp, _ = P.export(str(folder), out, cfg, loaded=M.load(str(folder)))
-    fresh = M.load(str(folder))
+    comp, _ = driver.export(models.load(str(folder)), out, cfg)
+    fresh = models.load(str(folder))
     before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
-    P.set_determinism(0)
+    driver.set_determinism(0)
     windows, _ = calib.get_windows(cfg.calib, fresh.model, fresh.tokenizer, 3, 32, 0, False)
     r = _blockerr().measure(fresh, out, windows, progress=False)
     assert r["block_err"] == comp.block_err
     assert len(r["layer_out_err"]) == len(comp.records)
     for rec in comp.records:
-        assert r["layer_out_err"][f"blk.{rec.block}.{rec.name}"] == pytest.approx(rec.oerr, rel=1e-6, abs=1e-12)
+        assert r["layer_out_err"][f"blk.{rec.block}.{rec.name}"] == pytest.approx(rec.err_out, rel=1e-6, abs=1e-12)
     # the model is left as it was: the file's weights go in per block and come out again
     after = fresh.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the attention-only and feed-forward-only block errors come on top, leaving the rest as it was
-    attn = "+".join(g for _, g in A.FAMILY_BY_ARCH["llama"].linears if g.startswith("attn_"))
+    attn = "+".join(g for _, g in arch.FAMILY_BY_NAME["llama"].linears if g.startswith("attn_"))
     rp = _blockerr().measure(fresh, out, windows, progress=False, parts=["attn_", "ffn_", attn])
     assert rp["block_err"] == r["block_err"] and rp["layer_out_err"] == r["layer_out_err"]
     for part in ("attn", "ffn"):
@@ -67,14 +65,14 @@ def test_blockerr_reproduces_export_record(tiny_model_factory, tmp_path, family,
 @torch.no_grad()
 def _attn_only_block0_err(folder: Path, out: Path, windows: torch.Tensor) -> float:
     """Block 0's error with the file's attention linears, built by hand on a fresh copy of the model."""
-    m2 = M.load(str(folder)).model
-    fam = A.family_of(m2.config)
-    block0 = A.blocks(m2, fam)[0]
-    inps, kwargs = P.capture_block0_inputs(m2, fam, windows, torch.device("cpu"))
-    fp_out = P.run_block(block0, inps, kwargs)
-    _, _, sbs = F.read_file_weights(out)
-    for _, g, lin in A.block_linears(block0, fam):
+    m2 = models.load(str(folder)).model
+    fam = arch.family_of(m2.config)
+    block0 = arch.blocks(m2, fam)[0]
+    inps, kwargs = driver.capture_block0_inputs(m2, fam, windows, torch.device("cpu"))
+    fp_out = driver.run_block(block0, inps, kwargs)
+    _, _, sbs = fakequant.read_file_weights(fmt.ModelFile(out))
+    for _, g, lin in arch.block_linears(block0, fam):
         if g.startswith("attn_"):
             lin.weight.data.copy_(torch.from_numpy(fmt.dequantize_sb(sbs[f"blk.0.{g}"])))
-    q_out = P.run_block(block0, inps, kwargs)
-    return P.block_error(q_out, fp_out)
+    q_out = driver.run_block(block0, inps, kwargs)
+    return driver.block_error(q_out, fp_out)

@@ -8,14 +8,14 @@ import torch
 
 from conftest import FAMILIES
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 from pbs2p import format as fmt  # noqa: E402
-from pbs2p.exporter import arch as A  # noqa: E402
-from pbs2p.exporter import coarse as C  # noqa: E402
-from pbs2p.exporter import fakequant as F  # noqa: E402
-from pbs2p.exporter import models as M  # noqa: E402
-from pbs2p.exporter import pipeline as P  # noqa: E402
+from pbs2p.exporter import arch  # noqa: E402
+from pbs2p.exporter import coarse  # noqa: E402
+from pbs2p.exporter import fakequant  # noqa: E402
+from pbs2p.exporter import models  # noqa: E402
+from pbs2p.exporter import config, driver, writer  # noqa: E402
 from pbs2p.exporter import tokmeta as T  # noqa: E402
 
 REQUIRED_KEYS = ("general.architecture", "general.alignment", "pbs2p.format_version", "pbs2p.method", "pbs2p.nm.m",
@@ -25,15 +25,15 @@ ARCH_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_
              "attention.head_count_kv", "vocab_size")
 
 
-def small_cfg(**kw) -> P.ExportConfig:
+def small_cfg(**kw) -> config.QuantConfig:
     base = dict(nsamples=3, seqlen=32, progress=False, seed=0)
     base.update(kw)
-    return P.ExportConfig(**base)
+    return config.QuantConfig(**base)
 
 
 def do_export(folder, out, **kw):
-    loaded = M.load(str(folder))
-    comp, stats = P.export(str(folder), out, small_cfg(**kw), loaded=loaded)
+    loaded = models.load(str(folder))
+    comp, stats = driver.export(loaded, out, small_cfg(**kw))
     return comp, stats
 
 
@@ -50,7 +50,7 @@ def exported(request, tiny_model_factory, tmp_path_factory):
     fam, nm = request.param
     if request.param not in _cache:
         out = tmp_path_factory.mktemp("exp") / f"{fam}.bin"
-        comp, stats = do_export(tiny_model_factory(fam), out, nm=P.parse_nm(nm))
+        comp, stats = do_export(tiny_model_factory(fam), out, nm=config.parse_nm(nm))
         _cache[request.param] = (fam, nm, out, comp, stats)
     return _cache[request.param]
 
@@ -61,7 +61,7 @@ def test_metadata(exported):
     for k in REQUIRED_KEYS:
         assert k in kv, k
     a = kv["general.architecture"]
-    assert a == fam
+    assert a == fmt.arch_name(fam) == f"pbs2p-{fam}"
     for k in ARCH_KEYS:
         assert f"{a}.{k}" in kv, k
     assert kv["pbs2p.format_version"] == fmt.FORMAT_VERSION
@@ -87,12 +87,14 @@ def test_nm_structure_and_exact_weights(exported):
     bs = kv["pbs2p.block_size"]
     ns = kv["pbs2p.nm.n"]
     model_lin = {}
-    for li, layer in enumerate(A.blocks(comp.model, comp.family)):
-        for _, g, lin in A.block_linears(layer, comp.family):
+    for li, layer in enumerate(arch.blocks(comp.model, comp.family)):
+        for _, g, lin in arch.block_linears(layer, comp.family):
             model_lin[f"blk.{li}.{g}"] = lin.weight.detach().cpu().numpy()
     n_checked = 0
+    mf = fmt.ModelFile(out)
     for pre, w in model_lin.items():
-        sb = fmt.read_sb(r, pre, w.shape[1], bs)
+        sb = mf.sb(pre)
+        assert (sb.n_out, sb.n_in) == w.shape
         terms = fmt.unpack_sb(sb)
         kept = terms[0] != 0
         deq = fmt.dequantize_sb(sb)
@@ -110,7 +112,7 @@ def test_nm_structure_and_exact_weights(exported):
 
 def test_fakequant_from_file_matches_export(exported):
     fam, nm, out, comp, stats = exported
-    fq = F.load_fakequant(out)
+    fq = fakequant.load_fakequant(out)
     a = dict(comp.model.named_parameters())
     b = dict(fq.named_parameters())
     assert set(a) == set(b)
@@ -142,20 +144,20 @@ def test_block_hessians_shared_by_identical_inputs(tiny_model_factory, family):
     inputs its linears were really fed."""
     from pbs2p.exporter import solver
 
-    loaded = M.load(str(tiny_model_factory(family)))
-    fam = A.family_of(loaded.model.config)
+    loaded = models.load(str(tiny_model_factory(family)))
+    fam = arch.family_of(loaded.model.config)
     windows = torch.randint(0, loaded.model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        inps, kwargs = P.capture_block0_inputs(loaded.model, fam, windows, torch.device("cpu"))
-        block = A.blocks(loaded.model, fam)[0]
-        lins = A.block_linears(block, fam)
+        inps, kwargs = driver.capture_block0_inputs(loaded.model, fam, windows, torch.device("cpu"))
+        block = arch.blocks(loaded.model, fam)[0]
+        lins = arch.block_linears(block, fam)
         seen = {g: [] for _, g, _ in lins}
         hooks = [lin.register_forward_hook(lambda mod, inp, out, g=g: seen[g].append(inp[0].clone()))
                  for _, g, lin in lins]
-        ref_out = P.run_block(block, inps, kwargs)
+        ref_out = driver.run_block(block, inps, kwargs)
         for hk in hooks:
             hk.remove()
-        out, accs, owner = P._run_block_hessians(block, lins, inps, kwargs, torch.device("cpu"))
+        out, accs, owner = driver._run_block_hessians(block, lins, inps, kwargs, torch.device("cpu"))
     assert torch.equal(out, ref_out)
     shared = {"llama": {"attn_k": "attn_q", "attn_v": "attn_q", "ffn_up": "ffn_gate"},
               "qwen2": {"attn_k": "attn_q", "attn_v": "attn_q", "ffn_up": "ffn_gate"},
@@ -188,7 +190,7 @@ def test_fp16_method_and_embed_types(tiny_model_factory, tmp_path):
     assert t["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
     assert kv["pbs2p.method"] == "fp16" and kv["pbs2p.nm.m"] == 0
     assert stats["storage_bpw"] == pytest.approx(16.0)
-    fq = F.load_fakequant(tmp_path / "f.bin")
+    fq = fakequant.load_fakequant(tmp_path / "f.bin")
     ids = torch.arange(1, 20)[None]
     with torch.no_grad():
         assert torch.equal(comp.model(ids).logits, fq(ids).logits)
@@ -238,17 +240,17 @@ def test_act_quant_matches_numpy_quantizer():
     x[1, 1, 7:128] = 0.25
     q, s = fmt.quantize_act(x.numpy(), 128)
     want = np.concatenate([q[..., :128] * s[..., :1], q[..., 128:] * s[..., 1:2]], axis=-1).astype(np.float32)
-    got = F.quantize_act(x, 128).numpy()
+    got = fakequant.quantize_act(x, 128).numpy()
     assert np.array_equal(got, want)
 
 
 def test_act_quant_model_wraps_only_sb_linears(tiny_model_factory, tmp_path):
     d = tiny_model_factory("qwen2")
     do_export(d, tmp_path / "m.bin", nm=(6, 8))
-    m = F.load_fakequant(tmp_path / "m.bin", act_quant=True)
-    wrapped = [n for n, mod in m.named_modules() if isinstance(mod, F.ActQuantLinear)]
+    m = fakequant.load_fakequant(tmp_path / "m.bin", act_quant=True)
+    wrapped = [n for n, mod in m.named_modules() if isinstance(mod, fakequant.ActQuantLinear)]
     assert len(wrapped) == 2 * 7
-    plain = F.load_fakequant(tmp_path / "m.bin")
+    plain = fakequant.load_fakequant(tmp_path / "m.bin")
     ids = torch.arange(1, 30)[None]
     with torch.no_grad():
         a, b = m(ids).logits, plain(ids).logits
@@ -260,31 +262,31 @@ def test_act_quant_model_wraps_only_sb_linears(tiny_model_factory, tmp_path):
 def test_coarse_exact_total_and_bounds():
     cos = [0.9, 0.5, 0.95, 0.7, 0.99, 0.3, 0.8, 0.85]
     for n_t in (4, 5, 6, 7):
-        n = C.allocate(cos, n_t, 8)
+        n = coarse.allocate(cos, n_t, 8)
         assert sum(n) == n_t * len(cos)
         assert all(max(1, n_t - 1) <= x <= min(8, n_t + 1) for x in n)
-    n = C.allocate(cos, 6, 8)
+    n = coarse.allocate(cos, 6, 8)
     assert n[5] >= n[4]  # the block that changes its input most (lowest cos) keeps at least as much
 
 
 def test_coarse_uniform_and_clamped():
-    assert C.allocate([0.5] * 4, 6, 8) == [6] * 4
+    assert coarse.allocate([0.5] * 4, 6, 8) == [6] * 4
     # clamped cos -> I = [~4, ~0, ~0, ~0] -> [7, 5, 5, 5]; repair raises the lowest-index ties first
-    assert C.allocate([-0.5, 0.9, 0.9, 0.9], 6, 8) == [7, 6, 6, 5]
-    n = C.allocate([0.1, 0.99], 8, 8)
+    assert coarse.allocate([-0.5, 0.9, 0.9, 0.9], 6, 8) == [7, 6, 6, 5]
+    n = coarse.allocate([0.1, 0.99], 8, 8)
     assert n == [8, 8]
-    n = C.allocate([0.1, 0.99, 0.99], 1, 8)
+    n = coarse.allocate([0.1, 0.99, 0.99], 1, 8)
     assert all(1 <= x <= 2 for x in n) and sum(n) == 3
 
 
 def test_coarse_unequal_weights_never_overshoots():
-    n = C.allocate([0.2, 0.9, 0.9], 6, 8, weights=[3, 2, 2])
+    n = coarse.allocate([0.2, 0.9, 0.9], 6, 8, weights=[3, 2, 2])
     total = sum(w * x for w, x in zip([3, 2, 2], n))
     assert n == [7, 5, 5] and total == 41  # 42 is unreachable without overshooting by a weight of 2
 
 
 def test_coarse_in_pipeline_changes_n(tiny_model_factory, tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "allocate", lambda cos, n, m, w=None: [n + 1, n - 1])
+    monkeypatch.setattr(coarse, "allocate", lambda cos, n, m, w=None: [n + 1, n - 1])
     comp, _ = do_export(tiny_model_factory("opt"), tmp_path / "o.bin", nm=(6, 8), coarse=True)
     _, kv = fields(tmp_path / "o.bin")
     assert list(kv["pbs2p.nm.n"]) == [7, 5]
@@ -298,30 +300,41 @@ def test_coarse_in_pipeline_changes_n(tiny_model_factory, tmp_path, monkeypatch)
 def test_unsupported_architectures():
     import transformers
 
-    with pytest.raises(A.UnsupportedModelError, match="supported: LlamaForCausalLM"):
-        A.family_of(transformers.GPT2Config(architectures=["GPT2LMHeadModel"]))
-    with pytest.raises(A.UnsupportedModelError, match="do_layer_norm_before"):
-        A.family_of(transformers.OPTConfig(do_layer_norm_before=False, architectures=["OPTForCausalLM"]))
-    with pytest.raises(A.UnsupportedModelError, match="word_embed_proj_dim"):
-        A.family_of(transformers.OPTConfig(word_embed_proj_dim=512, hidden_size=1024,
+    with pytest.raises(arch.UnsupportedModelError, match="supported: LlamaForCausalLM"):
+        arch.family_of(transformers.GPT2Config(architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(arch.UnsupportedModelError, match="do_layer_norm_before"):
+        arch.family_of(transformers.OPTConfig(do_layer_norm_before=False, architectures=["OPTForCausalLM"]))
+    with pytest.raises(arch.UnsupportedModelError, match="word_embed_proj_dim"):
+        arch.family_of(transformers.OPTConfig(word_embed_proj_dim=512, hidden_size=1024,
                                            architectures=["OPTForCausalLM"]))
 
 
-def test_rope_scaling_metadata():
+def test_rope_scaling_metadata(tmp_path):
     import transformers
 
+    def through_file(c):
+        """The architecture keys of c written to a file and read back: (keys, the config the reader rebuilds)."""
+        rows = arch.metadata(c, arch.LLAMA, 100)
+        with fmt.ModelWriter(tmp_path / "r.bin", "llama", overwrite=True) as w:
+            for k, v, t in rows:
+                w.add_kv(k, v, t)
+        kv = {k: v for k, v, _ in rows}
+        return kv, arch.config_from_file(fmt.ModelFile(tmp_path / "r.bin"), tied=True)
+
+    a = fmt.arch_name("llama")
     c = transformers.LlamaConfig(max_position_embeddings=131072, rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "rope_theta": 500000.0})
-    kv = {k: v for k, v, _ in A.metadata(c, A.LLAMA, 100)}
-    assert kv["llama.rope.scaling.type"] == "llama3" and kv["llama.rope.freq_base"] == 500000.0
-    assert kv["llama.rope.scaling.original_context_length"] == 8192
-    c2 = A.config_from_metadata({"general.architecture": "llama", **kv}, tied=True)
+    kv, c2 = through_file(c)
+    assert kv[f"{a}.rope.scaling.type"] == "llama3" and kv[f"{a}.rope.freq_base"] == 500000.0
+    assert kv[f"{a}.rope.scaling.original_context_length"] == 8192
     assert c2.rope_parameters["rope_type"] == "llama3" and c2.rope_parameters["factor"] == 8.0
+    assert c2.rope_parameters["original_max_position_embeddings"] == 8192 and c2.max_position_embeddings == 131072
     c = transformers.LlamaConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    kv = {k: v for k, v, _ in A.metadata(c, A.LLAMA, 100)}
-    assert kv["llama.rope.scaling.type"] == "linear" and kv["llama.rope.scaling.factor"] == 2.0
-    assert "llama.rope.scaling.type" not in {k for k, _, _ in A.metadata(transformers.LlamaConfig(), A.LLAMA, 10)}
+    kv, c2 = through_file(c)
+    assert kv[f"{a}.rope.scaling.type"] == "linear" and kv[f"{a}.rope.scaling.factor"] == 2.0
+    assert c2.rope_parameters["rope_type"] == "linear" and c2.rope_parameters["factor"] == 2.0
+    assert f"{a}.rope.scaling.type" not in {k for k, _, _ in arch.metadata(transformers.LlamaConfig(), arch.LLAMA, 10)}
 
 
 # tokenizer metadata -------------------------------------------------------------------------------------------
@@ -406,7 +419,7 @@ def test_interrupt_leaves_no_file(tiny_model_factory, tmp_path, monkeypatch):
 
 
 def test_perplexity_protocol():
-    from pbs2p.exporter import eval as E
+    from pbs2p.exporter import eval as evaluation
 
     class Uniform(torch.nn.Module):
         def forward(self, x, use_cache=False):
@@ -415,9 +428,9 @@ def test_perplexity_protocol():
             return O()
 
     ids = torch.arange(105) % 50
-    ppl, n, _ = E.perplexity(Uniform(), ids, 10, progress=False)
+    ppl, n, _ = evaluation.perplexity(Uniform(), ids, 10, progress=False)
     assert n == 10 * 9 and ppl == pytest.approx(50.0)
-    ppl, n, _ = E.perplexity(Uniform(), ids, 10, max_windows=3, progress=False)
+    ppl, n, _ = evaluation.perplexity(Uniform(), ids, 10, max_windows=3, progress=False)
     assert n == 27
-    with pytest.raises(E.EvalError):
-        E.perplexity(Uniform(), ids, 200, progress=False)
+    with pytest.raises(evaluation.EvalError):
+        evaluation.perplexity(Uniform(), ids, 200, progress=False)

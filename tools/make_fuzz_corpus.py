@@ -16,7 +16,7 @@ writes (nothing is committed: the files are regenerated from this script, determ
     OUT_DIR/tokenizer.gguf the fixed model fuzz-tokenizer loads (PBS2P_FUZZ_MODEL)
 
 The byte-level vocabulary is learned here with a few lines of BPE (no `tokenizers` training), so the script
-needs only numpy, gguf and the repository's bindings/pbs2p and tests/tiny_model.py.
+needs only numpy, gguf, the installed pbs2p package (pip install .) and tests/tiny_model.py.
 """
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT / "bindings", ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
 
 import tiny_model  # noqa: E402  (tests/tiny_model.py: write_tiny_model)
 from pbs2p import format as fmt  # noqa: E402
@@ -354,17 +353,21 @@ def semantic_variants(tmp: Path) -> dict[str, bytes]:
         "missing tokens": lambda p: p.write_bytes(write_small_model(p, base).read_bytes().replace(
             b"tokenizer.ggml.tokens", b"tokenizer.ggml.tokenz")),
         "vocab_size differs from the vocabulary": lambda p: p.write_bytes(patch_kv(
-            write_small_model(p, base).read_bytes(), "llama.vocab_size", "<I", len(tokens) + 1)),
+            write_small_model(p, base).read_bytes(), "pbs2p-llama.vocab_size", "<I", len(tokens) + 1)),
         "n_layer 2^31-1": lambda p: p.write_bytes(patch_kv(
-            write_small_model(p, base).read_bytes(), "llama.block_count", "<I", (1 << 31) - 1)),
+            write_small_model(p, base).read_bytes(), "pbs2p-llama.block_count", "<I", (1 << 31) - 1)),
         "n_embd 2^32-1": lambda p: p.write_bytes(patch_kv(
-            write_small_model(p, base).read_bytes(), "llama.embedding_length", "<I", (1 << 32) - 1)),
+            write_small_model(p, base).read_bytes(), "pbs2p-llama.embedding_length", "<I", (1 << 32) - 1)),
         "head_count 0": lambda p: p.write_bytes(patch_kv(
-            write_small_model(p, base).read_bytes(), "llama.attention.head_count", "<I", 0)),
+            write_small_model(p, base).read_bytes(), "pbs2p-llama.attention.head_count", "<I", 0)),
         "context_length 2^31": lambda p: p.write_bytes(patch_kv(
-            write_small_model(p, base).read_bytes(), "llama.context_length", "<I", 1 << 31)),
-        "format_version 2": lambda p: p.write_bytes(patch_kv(
-            write_small_model(p, base).read_bytes(), "pbs2p.format_version", "<I", 2)),
+            write_small_model(p, base).read_bytes(), "pbs2p-llama.context_length", "<I", 1 << 31)),
+        "format_version 3": lambda p: p.write_bytes(patch_kv(
+            write_small_model(p, base).read_bytes(), "pbs2p.format_version", "<I", 3)),
+        "format_version 1 with a pbs2p- name": lambda p: p.write_bytes(patch_kv(
+            write_small_model(p, base).read_bytes(), "pbs2p.format_version", "<I", 1)),
+        "nm.m 5 (not an allowed M)": lambda p: p.write_bytes(patch_kv(
+            write_small_model(p, base).read_bytes(), "pbs2p.nm.m", "<I", 5)),
         "spm: scores missing": lambda p: write_small_model(p, [kv for kv in spm_kv() if kv[0] != "tokenizer.ggml.scores"]),
     }
     out = {}

@@ -5,7 +5,7 @@
 #   - builds the C runtime natively and runs ctest, again with ASan+UBSan,
 #   - cross-builds for aarch64 and armv7 (NEON) and runs ctest under qemu,
 #   - replays the fuzz corpus and fuzzes for a minute (tools/fuzz.sh; skipped without clang/libFuzzer),
-#   - runs pytest.
+#   - runs pytest (PBS2P_REQUIRE_ALL=1: a missing build, model or tool fails; only optional data skips).
 # PBS2P_SKIP_ARM=1 / PBS2P_SKIP_ASAN=1 skip those builds (for quick local runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,4 +65,7 @@ tools/fuzz.sh "${PBS2P_FUZZ_SECONDS:-60}"
 
 step "pytest"
 export PBS2P_BUILD_DIR="$ROOT/build/native"
-python3 -m pytest -q tests
+# everything above was installed and built, so a test that finds its build, model or tool missing fails instead
+# of skipping (tests/conftest.py: need); only optional data (../shared/data) may skip, with its reason (-rs)
+export PBS2P_REQUIRE_ALL="${PBS2P_REQUIRE_ALL:-1}"
+python3 -m pytest -q -rs tests

@@ -40,13 +40,13 @@ def text_windows(kind: str, path: Path, loaded, nsamples: int, seqlen: int, seed
                  ) -> tuple[torch.Tensor, str]:
     """-> (windows [n, seqlen] token ids, description)."""
     from pbs2p.exporter import calib
-    from pbs2p.exporter import eval as E
+    from pbs2p.exporter import eval as evaluation
 
     if kind == "c4":
         w, desc = calib.get_windows(str(path), loaded.model, loaded.tokenizer, nsamples, seqlen, seed, False)
     else:
         ids = calib.tokenize_all(loaded.tokenizer, path.read_text(encoding="utf-8"))
-        k = E.windows(ids, seqlen, n)
+        k = evaluation.windows(ids, seqlen, n)
         w, desc = ids[: k * seqlen].reshape(k, seqlen), f"{path.name}, first {k} windows x {seqlen}"
     if n is not None and n < w.shape[0]:
         w, desc = w[:n], f"{desc} (first {n})"
@@ -63,25 +63,25 @@ def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None =
     from tqdm.auto import tqdm
 
     from pbs2p import format as fmt
-    from pbs2p.exporter import arch as A
+    from pbs2p.exporter import arch
     from pbs2p.exporter import fakequant
-    from pbs2p.exporter import pipeline as P
+    from pbs2p.exporter import config, driver, writer
     from pbs2p.exporter import solver
 
     model = loaded.model
-    fam = A.family_of(model.config)
+    fam = arch.family_of(model.config)
     dev = next(model.parameters()).device
-    _, _, sbs = fakequant.read_file_weights(fpath)
-    layers = A.blocks(model, fam)
+    _, _, sbs = fakequant.read_file_weights(fmt.ModelFile(fpath))
+    layers = arch.blocks(model, fam)
     nb = len(layers) if max_blocks is None else min(max_blocks, len(layers))
-    inps, kwargs = P.capture_block0_inputs(model, fam, windows, dev)
+    inps, kwargs = driver.capture_block0_inputs(model, fam, windows, dev)
     block_err: list[float] = []
     layer_err: dict[str, float] = {}
     parts_err: dict[str, list[float]] = {p: [] for p in parts or ()}
     for li in tqdm(range(nb), desc=fpath.name, disable=not progress, file=sys.stderr):
         layer = layers[li]
-        lins = A.block_linears(layer, fam)
-        fp_out, accs, owner = P._run_block_hessians(layer, lins, inps, kwargs, dev)
+        lins = arch.block_linears(layer, fam)
+        fp_out, accs, owner = driver._run_block_hessians(layer, lins, inps, kwargs, dev)
         saved, quant = {}, {}
         for _, g, lin in lins:
             pre = f"blk.{li}.{g}"
@@ -99,8 +99,8 @@ def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None =
             """The block's error with the file's linears whose names start with one of prefixes (others original)."""
             for _, g, lin in lins:
                 lin.weight.data.copy_(quant[g] if g.startswith(prefixes) else saved[g])
-            out = P.run_block(layer, inps, kwargs)
-            return P.block_error(out, fp_out), out
+            out = driver.run_block(layer, inps, kwargs)
+            return driver.block_error(out, fp_out), out
 
         try:
             e, q_out = err_with(("",))
@@ -151,11 +151,11 @@ def main() -> int:
         torch.set_num_threads(a.threads)
 
     from pbs2p.exporter import models
-    from pbs2p.exporter import pipeline as P
+    from pbs2p.exporter import config, driver, writer
 
     t = time.time()
     loaded = models.load(a.model)
-    P.set_determinism(a.seed)
+    driver.set_determinism(a.seed)
     windows, desc = text_windows(kind, path, loaded, a.nsamples, a.seqlen, a.seed, a.windows)
     print(f"loaded {a.model} in {time.time() - t:.0f} s; text: {desc}", flush=True)
     for f in a.files:

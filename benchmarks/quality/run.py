@@ -54,9 +54,9 @@ def parse_config(s: str) -> dict:
 
 
 def export_config(c: dict, a: argparse.Namespace):
-    from pbs2p.exporter import pipeline as P
+    from pbs2p.exporter import config, driver, writer
 
-    cfg = P.ExportConfig(method=c["method"], nm=P.parse_nm(c["nm"]), calib=str(a.calib), nsamples=a.nsamples,
+    cfg = config.QuantConfig(method=c["method"], nm=config.parse_nm(c["nm"]), calib=str(a.calib), nsamples=a.nsamples,
                          seqlen=a.seqlen, seed=a.seed, progress=not a.quiet, device=a.device)
     for f in c["flags"]:
         setattr(cfg, *FLAGS[f])
@@ -104,10 +104,10 @@ def main() -> int:
         return 0
 
     from pbs2p.exporter import calib, models
-    from pbs2p.exporter import eval as E
-    from pbs2p.exporter import pipeline as P
+    from pbs2p.exporter import eval as evaluation
+    from pbs2p.exporter import config, driver, writer
 
-    a.device = str(P.pick_device(a.device))  # cuda asked for but absent: a warning, then the CPU
+    a.device = str(driver.pick_device(a.device))  # cuda asked for but absent: a warning, then the CPU
     t = time.time()
     loaded = models.load(a.model)
     load_s = time.time() - t
@@ -148,22 +148,22 @@ def main() -> int:
                 from pbs2p.exporter import fakequant
 
                 model = fakequant.load_fakequant(fpath, device=a.device)
-                stats = P.file_stats(fpath)
+                stats = fmt.ModelFile(fpath).storage()
                 rec.update(export_s=None, reused_file=True, mean_layer_out_err=None, nm_n=None, last_block_err=None,
                            block_err=None, layer_out_err=None)
             else:
-                comp, stats = P.export(None, fpath, cfg, force=True, loaded=loaded)
-                oerr = [r.oerr for r in comp.records]
+                comp, stats = driver.export(loaded, fpath, cfg, force=True)
+                oerr = [r.err_out for r in comp.records]
                 rec.update(export_s=round(time.time() - t0, 1), mean_layer_out_err=round(sum(oerr) / len(oerr), 5),
                            nm_n=comp.nm_n, last_block_err=round(comp.block_err[-1], 4) if comp.block_err else None,
                            # per block / per linear, to see where two methods part (the mean hides it)
                            block_err=[round(e, 4) for e in comp.block_err],
-                           layer_out_err={f"blk.{r.block}.{r.name}": round(r.oerr, 5) for r in comp.records})
+                           layer_out_err={f"blk.{r.block}.{r.name}": round(r.err_out, 5) for r in comp.records})
             rec.update(method=c["method"], nm=c["nm"], flags=c["flags"], file_bytes=stats["file_bytes"],
                        storage_bpw=round(stats["storage_bpw"], 4), file_bpw=round(stats["file_bpw"], 4),
                        param_bits=round(stats["param_bits"], 4))
         t1 = time.time()
-        ppl, n, _ = E.perplexity(model, ids, a.eval_seqlen, a.eval_windows, not a.quiet, a.device, c["name"])
+        ppl, n, _ = evaluation.perplexity(model, ids, a.eval_seqlen, a.eval_windows, not a.quiet, a.device, c["name"])
         rec.update(ppl=ppl, tokens_scored=n, eval_s=round(time.time() - t1, 1))
         if a.runtime and fpath is not None:
             from pbs2p.runtime import Runtime
