@@ -20,6 +20,7 @@ C4 = DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
 
 try:
     import pbs2p.exporter  # noqa: F401 - tests run against the installed (or editable) package
+    from pbs2p.format import spec
 except ImportError as e:  # pragma: no cover - a set-up error, said once instead of in every test
     raise pytest.UsageError(f"pbs2p is not installed ({e}): pip install -e \".[export,test]\" (tools/test.sh "
                             "installs it)") from e
@@ -34,6 +35,7 @@ def pytest_sessionstart(session):
         tiny_model.native_library()
     except FileNotFoundError:
         pass
+
 
 STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("PBS2P_REQUIRE_ALL") == "1"
 
@@ -122,7 +124,7 @@ def make_tiny_model(family: str, vocab_size: int, seed: int = 0, tie: bool | Non
     return m.float().eval()
 
 
-FAMILIES = ("llama", "qwen2", "opt")
+FAMILIES = spec.FAMILIES  # one tiny model per supported family
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ output exists. Nothing here is committed.
             content).
   rand1b:   a randomly initialized Llama (hidden 2048, 16 layers, ff 8192, 32 heads / 8 KV heads, SmolLM2's
             49152-token tokenizer, tied embeddings: 1.07 B parameters), saved f16 -> same llama.cpp chain;
-            pbs2p: written directly with bindings/pbs2p/format.py ModelWriter with random 6:8 planes (the
+            pbs2p: written directly with pbs2p.format.ModelWriter with random 6:8 planes (the
             exporter would spend its time solving for weights whose values do not matter for speed; the
             layout, scale tensors and byte count are those of an exported 6:8 sign file).
 
@@ -151,9 +151,9 @@ def write_random_pbs2p(path: Path, n_vocab: int, c: dict | None = None, head: st
         for k, v in [("context_length", c["max_position_embeddings"]), ("embedding_length", E), ("block_count", L),
                      ("feed_forward_length", F), ("attention.head_count", H), ("attention.head_count_kv", HKV),
                      ("rope.dimension_count", hd), ("vocab_size", n_vocab)]:
-            w.add_kv(f"llama.{k}", v, "u32")
-        w.add_kv("llama.attention.layer_norm_rms_epsilon", c["rms_norm_eps"], "f32")
-        w.add_kv("llama.rope.freq_base", c["rope_theta"], "f32")
+            w.add_kv(f"{w.arch}.{k}", v, "u32")
+        w.add_kv(f"{w.arch}.attention.layer_norm_rms_epsilon", c["rms_norm_eps"], "f32")
+        w.add_kv(f"{w.arch}.rope.freq_base", c["rope_theta"], "f32")
         w.add_kv(fmt.KEY_METHOD, "sign", "str")
         w.add_kv(fmt.KEY_NM_M, 8, "u32")
         w.add_kv(fmt.KEY_NM_N, [6] * L, "arr_u32")
