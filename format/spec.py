@@ -121,7 +121,7 @@ def check_block_size(block_size: int) -> None:
 
 
 def check_nm(n: int, m: int) -> None:
-    """An N:M pair a file may declare: M in ALLOWED_M and 1 <= N <= M (N == M: dense), or (0, 0): unpruned."""
+    """An N:M pair a file may declare: M in ALLOWED_M and 1 <= N <= M (N == M: dense), or (0, 0): dense (no layer pruned)."""
     if (n, m) == (0, 0):
         return
     if m not in ALLOWED_M:

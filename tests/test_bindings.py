@@ -464,7 +464,7 @@ def test_exported_model_matches_fakequant(tiny_model_factory, tmp_path, family):
     import torch
 
     from pbs2p import Runtime
-    from pbs2p.exporter import fakequant, config, driver, writer
+    from pbs2p.exporter import config, driver, fakequant
     from conftest import TINY_TEXT
 
     native_library()

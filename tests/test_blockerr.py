@@ -15,7 +15,7 @@ from pbs2p.exporter import arch  # noqa: E402
 from pbs2p.exporter import calib  # noqa: E402
 from pbs2p.exporter import fakequant  # noqa: E402
 from pbs2p.exporter import models  # noqa: E402
-from pbs2p.exporter import config, driver, writer  # noqa: E402
+from pbs2p.exporter import config, driver  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "blockerr.py"
 

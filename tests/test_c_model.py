@@ -28,8 +28,6 @@ def _build_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def fixtures(tiny_model_factory, tmp_path_factory) -> Path:
-    import torch
-
     from pbs2p.exporter import SolverConfig, config, driver, fakequant
 
     out = tmp_path_factory.mktemp("c-model-fixtures")

@@ -15,8 +15,8 @@ from pbs2p.exporter import arch  # noqa: E402
 from pbs2p.exporter import coarse  # noqa: E402
 from pbs2p.exporter import fakequant  # noqa: E402
 from pbs2p.exporter import models  # noqa: E402
-from pbs2p.exporter import config, driver, writer  # noqa: E402
-from pbs2p.exporter import tokmeta as T  # noqa: E402
+from pbs2p.exporter import config, driver  # noqa: E402
+from pbs2p.exporter import tokmeta  # noqa: E402
 
 REQUIRED_KEYS = ("general.architecture", "general.alignment", "pbs2p.format_version", "pbs2p.method", "pbs2p.nm.m",
                  "pbs2p.nm.n", "pbs2p.block_size", "pbs2p.calibration", "tokenizer.ggml.model",
@@ -84,7 +84,6 @@ def test_nm_structure_and_exact_weights(exported):
     fam, nm, out, comp, stats = exported
     r, kv = fields(out)
     a = kv["general.architecture"]
-    bs = kv["pbs2p.block_size"]
     ns = kv["pbs2p.nm.n"]
     model_lin = {}
     for li, layer in enumerate(arch.blocks(comp.model, comp.family)):
@@ -340,7 +339,7 @@ def test_rope_scaling_metadata(tmp_path):
 # tokenizer metadata -------------------------------------------------------------------------------------------
 
 def test_tokmeta_from_hf(tiny_tokenizer):
-    kv = {k: v for k, v, _ in T.from_hf(tiny_tokenizer, "llama", len(tiny_tokenizer) + 5, "tiny")}
+    kv = {k: v for k, v, _ in tokmeta.from_hf(tiny_tokenizer, "llama", len(tiny_tokenizer) + 5, "tiny")}
     assert kv["tokenizer.ggml.model"] == "gpt2"
     toks = kv["tokenizer.ggml.tokens"]
     assert len(toks) == len(tiny_tokenizer) + 5 and toks[-1].startswith("[PAD")
@@ -351,11 +350,11 @@ def test_tokmeta_from_hf(tiny_tokenizer):
     assert all(len(m.split(" ")) == 2 for m in kv["tokenizer.ggml.merges"])
     assert kv["tokenizer.ggml.bos_token_id"] == tiny_tokenizer.bos_token_id
     assert "im_start" in kv["tokenizer.chat_template"]
-    assert T.from_hf(tiny_tokenizer, "qwen2", len(tiny_tokenizer))[1][1] == "qwen2"
+    assert tokmeta.from_hf(tiny_tokenizer, "qwen2", len(tiny_tokenizer))[1][1] == "qwen2"
 
 
 def test_tokmeta_from_gguf_is_verbatim(smollm2_path):
-    kv = {k: v for k, v, _ in T.from_gguf(smollm2_path, 49152)}
+    kv = {k: v for k, v, _ in tokmeta.from_gguf(smollm2_path, 49152)}
     assert kv["tokenizer.ggml.pre"] == "smollm" and kv["tokenizer.ggml.model"] == "gpt2"
     assert len(kv["tokenizer.ggml.tokens"]) == 49152 and kv["tokenizer.ggml.tokens"][1] == "<|im_start|>"
     assert kv["tokenizer.ggml.merges"][0] == "Ġ t"

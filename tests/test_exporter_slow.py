@@ -11,7 +11,7 @@ import gguf
 def smol_export(smollm2_path, tmp_path_factory):
     """One PBS²P 6:8 export of the real SmolLM2 (small self-generated calibration) shared by this module, with the
     coarse stage on (not the default) so that per-block N is exercised on a real model, through the runtime too."""
-    from pbs2p.exporter import config, driver, writer
+    from pbs2p.exporter import config, driver
 
     out = tmp_path_factory.mktemp("smol") / "smol.bin"
     cfg = config.QuantConfig(nm=(6, 8), coarse=True, nsamples=8, seqlen=128, progress=False)
@@ -27,7 +27,8 @@ def test_smollm2_export_6_8(smol_export, smollm2_path):
     out, comp, stats = smol_export
     r = gguf.GGUFReader(str(out))
     kv = {k: f.contents() for k, f in r.fields.items()}
-    assert kv["general.architecture"] == "llama" and kv["llama.block_count"] == 30
+    a = fmt.arch_name("llama")
+    assert kv["general.architecture"] == a and kv[f"{a}.block_count"] == 30
     assert kv["tokenizer.ggml.pre"] == "smollm" and len(kv["tokenizer.ggml.tokens"]) == 49152
     ns = list(kv["pbs2p.nm.n"])
     assert len(ns) == 30 and sum(ns) == 6 * 30 and all(5 <= n <= 7 for n in ns)
@@ -44,7 +45,8 @@ def test_smollm2_export_6_8(smol_export, smollm2_path):
     expected = 8 * sum(per_layer.values()) / sum(n_w.values())
     assert stats["storage_bpw"] == pytest.approx(expected) and 2.2 < stats["storage_bpw"] < 2.3
     assert stats["param_bits"] == pytest.approx(0.75)
-    sb = fmt.read_sb(r, "blk.0.attn_q", 576, 128)
+    sb = fmt.ModelFile(out).sb("blk.0.attn_q")
+    assert (sb.n_out, sb.n_in, sb.block_size) == (576, 576, 128)
     kept = fmt.unpack_sb(sb)[0] != 0
     assert np.all(kept.reshape(576, -1, 8).sum(-1) == ns[0])
     assert models.default_model_path() == smollm2_path
@@ -53,7 +55,7 @@ def test_smollm2_export_6_8(smol_export, smollm2_path):
 @pytest.fixture(scope="module")
 def smol_fp16(smollm2_path, tmp_path_factory):
     """SmolLM2 with dense F16 linears (no quantization, no calibration; Q8_0 embeddings/head as always)."""
-    from pbs2p.exporter import config, driver, writer
+    from pbs2p.exporter import config, driver
 
     out = tmp_path_factory.mktemp("smol-fp16") / "smol-fp16.bin"
     driver.export(None, out, config.QuantConfig(method="fp16", progress=False))

@@ -91,10 +91,20 @@ def test_cli_refuses_every_hostile_file(files):
     assert not bad, "\n".join(bad)
 
 
+def _generated(stderr: str) -> int:
+    """Tokens generated, from pbs2p-run's timing line ("generated N tokens"); -1 when there is none."""
+    import re
+
+    m = re.search(r"generated (\d+) tokens", stderr)
+    return int(m.group(1)) if m else -1
+
+
 def test_cli_runs_the_valid_and_accepted_files(files):
     for name in ("valid", "valid300", *sorted(ACCEPTED)):
         r = run_cli("-m", str(files[name]), "-p", "the", "-n", "3", "-t", "1")
-        assert r.returncode == 0, (name, r.stderr.decode(errors="replace"))
+        err = r.stderr.decode(errors="replace")
+        assert r.returncode == 0, (name, err)
+        assert _generated(err) in range(4) and "error" not in err, (name, err)  # ran: a timing line, no error
 
 
 def test_runtime_refuses_every_hostile_file(files):
@@ -192,7 +202,8 @@ def test_cli_invalid_utf8_and_nul_prompt_file(files, tmp_path):
     p.write_bytes(b"hi \xff\xfe\x00 there \xc0\xaf\x00")
     for extra in ((), ("--chat",)):  # --chat: the message is a C string, so it ends at the first NUL (documented)
         r = run_cli("-m", str(files["valid300"]), "-f", str(p), "-n", "3", "-t", "1", *extra)
-        assert r.returncode == 0, r.stderr
+        err = r.stderr.decode(errors="replace")
+        assert r.returncode == 0 and _generated(err) in range(4), err
 
 
 def test_no_leaks_in_a_generation_run(files):

@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-import gguf
 
 from pbs2p import format as fmt  # noqa: E402
 from pbs2p.exporter import cli  # noqa: E402

@@ -65,7 +65,7 @@ def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None =
     from pbs2p import format as fmt
     from pbs2p.exporter import arch
     from pbs2p.exporter import fakequant
-    from pbs2p.exporter import config, driver, writer
+    from pbs2p.exporter import driver
     from pbs2p.exporter import solver
 
     model = loaded.model
@@ -151,7 +151,7 @@ def main() -> int:
         torch.set_num_threads(a.threads)
 
     from pbs2p.exporter import models
-    from pbs2p.exporter import config, driver, writer
+    from pbs2p.exporter import driver
 
     t = time.time()
     loaded = models.load(a.model)

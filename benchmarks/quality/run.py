@@ -4,7 +4,7 @@
         --nsamples 16 --seqlen 512 --eval-windows 4 --threads 1 --out benchmarks/results/quality.jsonl
 
 A config is `fp` (the original model) or `METHOD@NM[+FLAG...]`, METHOD one of pbs2p sign billm arb stbllm, NM
-`dense` or `N:M`, FLAG one of `coarse` (the paper's CFS coarse stage: per-block N; off by default since session 6 —
+`dense` or `N:M`, FLAG one of `coarse` (the paper's CFS coarse stage: per-block N; off by default —
 rows made before were relabelled, see benchmarks/results/*.md), `magnitude` (fine-stage score), `steps1` (one-shot
 SPBO), `steps0` (static mask, then binarize), `salient` (a second binary plane on salient columns, as `pbs2p-export
 --salient`), `residual` (a second term on every kept weight, `--residual`). Per config, in one process: the original
@@ -54,7 +54,7 @@ def parse_config(s: str) -> dict:
 
 
 def export_config(c: dict, a: argparse.Namespace):
-    from pbs2p.exporter import config, driver, writer
+    from pbs2p.exporter import config
 
     cfg = config.QuantConfig(method=c["method"], nm=config.parse_nm(c["nm"]), calib=str(a.calib), nsamples=a.nsamples,
                          seqlen=a.seqlen, seed=a.seed, progress=not a.quiet, device=a.device)
@@ -104,8 +104,9 @@ def main() -> int:
         return 0
 
     from pbs2p.exporter import calib, models
+    from pbs2p import format as fmt
+    from pbs2p.exporter import driver
     from pbs2p.exporter import eval as evaluation
-    from pbs2p.exporter import config, driver, writer
 
     a.device = str(driver.pick_device(a.device))  # cuda asked for but absent: a warning, then the CPU
     t = time.time()
@@ -153,8 +154,8 @@ def main() -> int:
                            block_err=None, layer_out_err=None)
             else:
                 comp, stats = driver.export(loaded, fpath, cfg, force=True)
-                oerr = [r.err_out for r in comp.records]
-                rec.update(export_s=round(time.time() - t0, 1), mean_layer_out_err=round(sum(oerr) / len(oerr), 5),
+                err_out = [r.err_out for r in comp.records]
+                rec.update(export_s=round(time.time() - t0, 1), mean_layer_out_err=round(sum(err_out) / len(err_out), 5),
                            nm_n=comp.nm_n, last_block_err=round(comp.block_err[-1], 4) if comp.block_err else None,
                            # per block / per linear, to see where two methods part (the mean hides it)
                            block_err=[round(e, 4) for e in comp.block_err],

@@ -28,61 +28,61 @@ def main() -> None:
     path, n_threads = sys.argv[1], int(sys.argv[2])
     n_prompt = int(sys.argv[3]) if len(sys.argv) > 3 else 512
     n_gen = int(sys.argv[4]) if len(sys.argv) > 4 else 128
-    import llama_cpp as L
+    import llama_cpp
 
-    L.llama_backend_init()
+    llama_cpp.llama_backend_init()
     t0 = time.perf_counter()
-    mp = L.llama_model_default_params()
+    mp = llama_cpp.llama_model_default_params()
     if os.environ.get("LLAMA_SPEED_NO_EXTRA_BUFTS"):
         mp.use_extra_bufts = False  # no weight repacking (AMX / interleaved) buffers
-    model = L.llama_model_load_from_file(path.encode(), mp)
+    model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
     if not model:
         raise SystemExit(f"cannot load {path}")
-    cp = L.llama_context_default_params()
+    cp = llama_cpp.llama_context_default_params()
     cp.n_ctx = max(n_prompt, n_gen) + 16
     cp.n_batch = n_prompt
     cp.n_ubatch = n_prompt
     cp.n_threads = n_threads
     cp.n_threads_batch = n_threads
-    ctx = L.llama_init_from_model(model, cp)
+    ctx = llama_cpp.llama_init_from_model(model, cp)
     if not ctx:
         raise SystemExit("cannot create a context")
     load_s = time.perf_counter() - t0
-    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     n_tok = max(n_prompt, n_gen)
-    toks = (L.llama_token * n_tok)(*[bench_token(i, n_vocab) for i in range(n_tok)])
-    mem = L.llama_get_memory(ctx)
+    toks = (llama_cpp.llama_token * n_tok)(*[bench_token(i, n_vocab) for i in range(n_tok)])
+    mem = llama_cpp.llama_get_memory(ctx)
 
     def decode(offset: int, n: int) -> None:
-        ptr = ctypes.cast(ctypes.addressof(toks) + offset * ctypes.sizeof(L.llama_token), ctypes.POINTER(L.llama_token))
-        rc = L.llama_decode(ctx, L.llama_batch_get_one(ptr, n))
+        ptr = ctypes.cast(ctypes.addressof(toks) + offset * ctypes.sizeof(llama_cpp.llama_token), ctypes.POINTER(llama_cpp.llama_token))
+        rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(ptr, n))
         if rc != 0:
             raise SystemExit(f"llama_decode failed ({rc})")
 
     decode(0, min(8, n_tok))  # warm-up: weight pages, thread start
-    L.llama_synchronize(ctx)
-    L.llama_memory_clear(mem, True)
+    llama_cpp.llama_synchronize(ctx)
+    llama_cpp.llama_memory_clear(mem, True)
 
     t0, c0 = time.perf_counter(), time.process_time()
     decode(0, n_prompt)
-    L.llama_synchronize(ctx)
-    logit0 = L.llama_get_logits_ith(ctx, -1)[0]
+    llama_cpp.llama_synchronize(ctx)
+    logit0 = llama_cpp.llama_get_logits_ith(ctx, -1)[0]
     prefill_s, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
-    L.llama_memory_clear(mem, True)
+    llama_cpp.llama_memory_clear(mem, True)
 
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n_gen):
         decode(i, 1)
-        L.llama_synchronize(ctx)
-        logit0 = L.llama_get_logits_ith(ctx, -1)[0]
+        llama_cpp.llama_synchronize(ctx)
+        logit0 = llama_cpp.llama_get_logits_ith(ctx, -1)[0]
     decode_s, decode_cpu = time.perf_counter() - t0, time.process_time() - c0
     print(json.dumps({"engine": "llama.cpp", "threads": n_threads, "n_prompt": n_prompt, "n_gen": n_gen,
                       "load_s": round(load_s, 3), "prefill_s": prefill_s, "decode_s": decode_s,
                       "prefill_tok_s": n_prompt / prefill_s, "decode_tok_s": n_gen / decode_s,
                       "prefill_cpu_s": prefill_cpu, "decode_cpu_s": decode_cpu,
-                      "logit0": float(logit0), "system_info": L.llama_print_system_info().decode()}))
-    L.llama_free(ctx)
-    L.llama_model_free(model)
+                      "logit0": float(logit0), "system_info": llama_cpp.llama_print_system_info().decode()}))
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
 
 
 if __name__ == "__main__":
