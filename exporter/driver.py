@@ -64,14 +64,35 @@ class Result:
     def model(self) -> Any:
         return self.loaded.model
 
-    def save(self, path: str | os.PathLike[str], force: bool = False) -> dict[str, float]:
-        """Write the pbs2p file (temporary file + rename; an existing path needs force) and return its storage
-        counts (pbs2p.format.ModelFile.storage: bytes and bits per weight counted from the file)."""
-        writer.write(self, path, force)
+    def save(self, path: str | os.PathLike[str], force: bool = False, format: str = "pbs2p") -> dict[str, Any]:
+        """Write the result (temporary name + rename; an existing path needs force) and return its counts.
+
+        format "pbs2p": the pbs2p file; returns ModelFile.storage (bytes and bits per weight counted from the file).
+        format "hf": a transformers folder holding the weights that file would hold (exporter/hf_export.py); the
+        pbs2p file is written to a temporary folder first and read back; returns the folder's provenance record
+        (the file's storage counts included)."""
+        if format not in OUT_FORMATS:
+            raise ExportError(f"--format {format!r}: choose one of {', '.join(OUT_FORMATS)}")
+        if format == "hf":
+            import tempfile
+
+            from . import hf_export
+
+            hf_export.check_out_dir(path, force)
+            with tempfile.TemporaryDirectory() as d:
+                f = Path(d) / "model.pbs2p"
+                writer.write(self, f, False)
+                record = hf_export.save_hf(f, path, tokenizer=self.loaded.tokenizer, force=force)
+        else:
+            writer.write(self, path, force)
+            record = fmt.ModelFile(path).storage()
         if self.checkpoint is not None:
             self.checkpoint.remove()
             self.checkpoint = None
-        return fmt.ModelFile(path).storage()
+        return record
+
+
+OUT_FORMATS = ("pbs2p", "hf")  # what Result.save writes: the pbs2p file, or a transformers folder of its weights
 
 
 def log(msg: str) -> None:
@@ -372,12 +393,19 @@ def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | 
     return compress(loaded, cfg, windows, desc, ck, resume)
 
 
-def export(model: Any, out: str | Path, cfg: QuantConfig, force: bool = False, resume: bool = False
-           ) -> tuple[Result, dict[str, float]]:
-    """quantize() then save(out): what pbs2p-export runs. Checks `out` before any work."""
-    check_out(out, force)
+def export(model: Any, out: str | Path, cfg: QuantConfig, force: bool = False, resume: bool = False,
+           format: str = "pbs2p") -> tuple[Result, dict[str, Any]]:
+    """quantize() then save(out, format=): what pbs2p-export runs. Checks `out` before any work."""
+    if format not in OUT_FORMATS:
+        raise ExportError(f"--format {format!r}: choose one of {', '.join(OUT_FORMATS)}")
+    if format == "hf":
+        from . import hf_export
+
+        hf_export.check_out_dir(out, force)
+    else:
+        check_out(out, force)
     result = quantize(model, cfg, resume=resume, force=force)
-    return result, result.save(out, force)
+    return result, result.save(out, force, format=format)
 
 
 def check_out(out: str | Path, force: bool) -> None:
