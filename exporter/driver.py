@@ -78,7 +78,7 @@ class Result:
 
             from . import hf_export
 
-            hf_export.check_out_dir(path, force)
+            check_out(path, force, folder=True)
             with tempfile.TemporaryDirectory() as d:
                 f = Path(d) / "model.pbs2p"
                 writer.write(self, f, False)
@@ -398,20 +398,17 @@ def export(model: Any, out: str | Path, cfg: QuantConfig, force: bool = False, r
     """quantize() then save(out, format=): what pbs2p-export runs. Checks `out` before any work."""
     if format not in OUT_FORMATS:
         raise ExportError(f"--format {format!r}: choose one of {', '.join(OUT_FORMATS)}")
-    if format == "hf":
-        from . import hf_export
-
-        hf_export.check_out_dir(out, force)
-    else:
-        check_out(out, force)
+    check_out(out, force, folder=format == "hf")
     result = quantize(model, cfg, resume=resume, force=force)
     return result, result.save(out, force, format=format)
 
 
-def check_out(out: str | Path, force: bool) -> None:
-    """Fail early (before any work) on an --out that cannot be written."""
+def check_out(out: str | Path, force: bool, folder: bool = False) -> None:
+    """Fail early (before any work) on an --out that cannot be written: a file, or a folder (--format hf)."""
     p = Path(out)
-    if p.is_dir():
+    if folder and p.exists() and not p.is_dir():
+        raise ExportError(f"--out {p}: exists and is not a folder (--format hf writes a folder)")
+    if not folder and p.is_dir():
         raise ExportError(f"--out {p}: is a folder")
     if p.exists() and not force:
         raise ExportError(f"--out {p}: exists (use --force to overwrite)")

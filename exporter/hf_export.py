@@ -28,29 +28,14 @@ from pbs2p import format as fmt
 PROVENANCE = "pbs2p_export.json"
 
 
-def check_out_dir(out: str | Path, force: bool) -> None:
-    """Fail early (before any work) on an --out folder that cannot be written."""
-    from .config import ExportError
-
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise ExportError(f"--out {p}: exists and is not a folder (--format hf writes a folder)")
-    if p.is_dir() and not force:
-        raise ExportError(f"--out {p}: exists (use --force to overwrite)")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ExportError(f"--out {p}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"--out {p}: folder {parent} is not writable")
-
-
 def save_hf(path: str | os.PathLike[str], out: str | os.PathLike[str], tokenizer: Any = None,
             force: bool = False) -> dict[str, Any]:
     """Write the transformers folder of the pbs2p file `path` to `out`; tokenizer: the source model's (default: one
     built from the file's tokenizer.* keys). Returns the provenance record written to pbs2p_export.json."""
     from . import fakequant, tokmeta
+    from .driver import check_out
 
-    check_out_dir(out, force)
+    check_out(out, force, folder=True)
     out = Path(out)
     mf = fmt.ModelFile(path)
     model = fakequant.load_fakequant(path, act_quant=False)
