@@ -70,7 +70,8 @@ class Checkpoint:
         self.fp = fp  # the fingerprint of the export writing it (fingerprint()); "" for one opened to resume
 
     # ---- writing ----------------------------------------------------------------------------------------------
-    def start(self, windows: torch.Tensor | None, calibration: str, nm_n: list[int], n_blocks: int) -> None:
+    def start(self, windows: torch.Tensor | None, calibration: str, nm_n: list[int], n_blocks: int,
+              plan: str | None = None) -> None:
         """Begin a fresh checkpoint (replacing any old one), stamped with self.fp."""
         if self.folder.exists():
             shutil.rmtree(self.folder)
@@ -78,19 +79,23 @@ class Checkpoint:
         if windows is not None:
             _atomic(self.folder / "windows.npy", lambda f: np.save(f, windows.to(torch.int64).numpy()))
         self.meta = {"version": VERSION, "fingerprint": self.fp, "calibration": calibration, "nm_n": list(nm_n),
-                     "n_blocks": n_blocks, "done": 0, "records": [], "block_err": []}
+                     "n_blocks": n_blocks, "done": 0, "records": [], "block_err": [], "plan": plan}
         self._write_meta()
 
     def _write_meta(self) -> None:
         _atomic(self.folder / "meta.json",
                 lambda f: f.write(json.dumps(self.meta, indent=1, default=float).encode()))
 
-    def save_block(self, li: int, linears: dict[str, fmt.SbLinear], records: list[dict], block_err: float,
+    def save_block(self, li: int, linears: dict[str, Any], records: list[dict], block_err: float,
                    next_inputs: torch.Tensor) -> None:
         if li != self.meta["done"]:
             raise RuntimeError(f"checkpoint: block {li} saved out of order (done {self.meta['done']})")
         arrays: dict[str, np.ndarray] = {}
         for g, sb in linears.items():
+            if isinstance(sb, fmt.QLinear):
+                arrays[f"{g}.qdata"] = sb.data
+                arrays[f"{g}.qshape"] = np.array([sb.n_out, sb.n_in, int(sb.gtype)], dtype=np.int64)
+                continue
             arrays[f"{g}.planes"] = sb.planes
             arrays[f"{g}.alpha"] = sb.alpha
             arrays[f"{g}.mu"] = sb.mu
@@ -139,7 +144,7 @@ class Checkpoint:
         if self.meta["n_blocks"] != n_blocks or not 0 <= self.meta["done"] <= n_blocks:
             raise CheckpointError(f"--resume: {self.folder}/meta.json does not match the model's {n_blocks} blocks")
 
-    def load_block(self, li: int) -> dict[str, fmt.SbLinear]:
+    def load_block(self, li: int) -> dict[str, Any]:
         p = self.folder / f"blk-{li:04d}.npz"
         try:
             out = {}
@@ -151,6 +156,12 @@ class Checkpoint:
                         sb = fmt.SbLinear(r, k, bs, z[f"{g}.planes"], z[f"{g}.alpha"], z[f"{g}.mu"])
                         sb.validate()
                         out[g] = sb
+                    elif key.endswith(".qshape"):
+                        g = key[: -len(".qshape")]
+                        r, k, t = (int(x) for x in z[key])
+                        ql = fmt.QLinear(fmt.GGMLType(t), r, k, z[f"{g}.qdata"])
+                        ql.validate()
+                        out[g] = ql
             return out
         except Exception as e:  # noqa: BLE001 - a bad zip, a missing array, a wrong shape: one clear message
             raise CheckpointError(f"--resume: {p} is missing or damaged ({e})") from e

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import arch, calib, checkpoint, driver, models, writer
+from . import arch, calib, checkpoint, driver, models, planner, writer
 from .config import EMBED_TYPES, METHODS, ExportError, QuantConfig, parse_nm, solver_config
 
 
@@ -31,8 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pbs2p (the packed file, default) or hf (a transformers folder holding the weights that file "
                          "would hold, float32, for lm-eval-harness and transformers)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    ap.add_argument("--method", default="pbs2p", choices=METHODS,
-                    help="pbs2p (default), the baselines sign/billm/arb/stbllm, or fp16 (dense F16, no quantization)")
+    ap.add_argument("--method", default=None, choices=METHODS,
+                    help="pbs2p (default), the baselines sign/billm/arb/stbllm, fp16 (dense F16, no quantization), or "
+                         "plan (a code per linear under --bpw; the default when --bpw is given)")
+    ap.add_argument("--bpw", type=float, default=None,
+                    help="budget planner: the linears' storage bits per weight (met within 1%%, below it); it picks "
+                         "per linear among --codes at the least estimated damage")
+    ap.add_argument("--codes", default=",".join(planner.DEFAULT_CODES),
+                    help=f"--bpw: the codes it may use, comma-separated, from {','.join(planner.CODES)} "
+                         f"(default {','.join(planner.DEFAULT_CODES)})")
+    ap.add_argument("--sensitivity", default="fisher", choices=planner.SENSITIVITIES,
+                    help="--bpw: damage estimate (fisher: Fisher-weighted output error, default; output, relative: "
+                         "ablations)")
     ap.add_argument("--nm", default="6:8", help="N:M sparsity (M = 4 or 8) or dense (default 6:8)")
     ap.add_argument("--calib", default="self",
                     help="self (text sampled from the model, offline; default), a .txt/.jsonl file, or hf:NAME")
@@ -77,7 +87,10 @@ def config_from_args(a: argparse.Namespace) -> QuantConfig:
                            score=a.score, salient=a.salient, residual=a.residual, compensate=not a.no_compensate)
     nsamples = a.nsamples if a.nsamples is not None else (calib.PAPER_NSAMPLES if a.paper else calib.DEFAULT_NSAMPLES)
     seqlen = a.seqlen if a.seqlen is not None else (calib.PAPER_SEQLEN if a.paper else calib.DEFAULT_SEQLEN)
-    return QuantConfig(method=a.method, nm=parse_nm(a.nm), coarse=a.coarse, solver=solver, embed_type=a.embed_type,
+    method = a.method or ("plan" if a.bpw is not None else "pbs2p")
+    return QuantConfig(method=method, nm=parse_nm(a.nm) if method not in ("plan", "fp16") else None,
+                       bpw=a.bpw, codes=tuple(c.strip() for c in a.codes.split(",") if c.strip()),
+                       sensitivity=a.sensitivity, coarse=a.coarse, solver=solver, embed_type=a.embed_type,
                        calib=a.calib, nsamples=nsamples, seqlen=seqlen, seed=a.seed, device=a.device,
                        progress=not a.quiet,
                        checkpoint=None if a.no_checkpoint else (a.checkpoint_dir or f"{a.out}.ckpt"))

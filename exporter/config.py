@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 from pbs2p.format import spec
 
+from . import planner
 from .solver import SolverConfig
 
-METHODS = spec.METHODS  # "fp16": dense F16 linears, no calibration, no solver
+METHODS = spec.METHODS  # "fp16": dense F16 linears, no calibration, no solver; "plan": the --bpw budget planner
 EMBED_TYPES = {"q8_0": spec.GGMLType.Q8_0, "q4_0": spec.GGMLType.Q4_0, "f16": spec.GGMLType.F16,
                "f32": spec.GGMLType.F32}
 DEVICES = "cpu or cuda"
@@ -61,11 +62,19 @@ class QuantConfig:
     device: str = "cpu"
     progress: bool = True
     checkpoint: str | None = None  # folder for per-block checkpoints (exporter/checkpoint.py); None: none
+    bpw: float | None = None  # method "plan": the linears' target storage bits per weight (exporter/planner.py)
+    codes: tuple[str, ...] = planner.DEFAULT_CODES  # method "plan": the codes it may choose from
+    sensitivity: str = "fisher"  # method "plan": the damage estimate (planner.SENSITIVITIES)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ExportError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
-        nm = None if self.method == "fp16" else parse_nm(self.nm)  # fp16 prunes nothing: --nm does not apply
+        if self.bpw is not None and self.method != "plan":
+            raise ExportError(f"--bpw is the budget planner's (method plan); --method {self.method} takes no budget")
+        if self.method == "plan":
+            self._check_plan()
+        # fp16 prunes nothing and the planner picks N:M per linear: --nm does not apply to either
+        nm = None if self.method in ("fp16", "plan") else parse_nm(self.nm)
         object.__setattr__(self, "nm", nm)
         if not isinstance(self.solver, SolverConfig):
             raise ExportError(f"solver must be a SolverConfig, got {type(self.solver).__name__}")
@@ -73,7 +82,7 @@ class QuantConfig:
         if (self.solver.method, self.solver.n, self.solver.m) != (default.method, default.n, default.m) and \
                 (self.solver.method, self.solver.n, self.solver.m) != self._target():
             raise ExportError("set method and nm on QuantConfig, not on its nested SolverConfig")
-        if self.method != "fp16":
+        if self.method not in ("fp16", "plan"):
             object.__setattr__(self, "solver", dataclasses.replace(self.solver, **dict(zip(("method", "n", "m"),
                                                                                            self._target()))))
         if self.embed_type not in EMBED_TYPES:
@@ -82,6 +91,26 @@ class QuantConfig:
             raise ExportError(f"--device {self.device!r}: use {DEVICES}")
         if self.nsamples <= 0 or self.seqlen <= 1:
             raise ExportError(f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: need >= 1 and >= 2")
+
+    def _check_plan(self) -> None:
+        if self.bpw is None:
+            raise ExportError("--method plan needs a budget: --bpw B (storage bits per weight of the linears)")
+        try:
+            bpw = float(self.bpw)
+        except (TypeError, ValueError):
+            raise ExportError(f"--bpw {self.bpw!r}: a number of bits per weight") from None
+        if not bpw > 0 or bpw != bpw or bpw == float("inf"):
+            raise ExportError(f"--bpw {self.bpw}: must be a positive number")
+        object.__setattr__(self, "bpw", bpw)
+        codes = (self.codes,) if isinstance(self.codes, str) else tuple(self.codes)
+        bad = [c for c in codes if c not in planner.CODES]
+        if bad or not codes:
+            raise ExportError(f"--codes {','.join(codes)}: choose from {', '.join(planner.CODES)}")
+        object.__setattr__(self, "codes", tuple(dict.fromkeys(codes)))
+        if self.sensitivity not in planner.SENSITIVITIES:
+            raise ExportError(f"--sensitivity {self.sensitivity!r}: choose one of {', '.join(planner.SENSITIVITIES)}")
+        if self.coarse:
+            raise ExportError("--coarse sets N per block; the planner chooses a code per linear: use one of them")
 
     def _target(self) -> tuple[str, int, int]:
         """(method, N, M) of the nested solver: dense is N = M = 8."""
@@ -95,6 +124,18 @@ class QuantConfig:
     def layer_solver(self, n: int) -> SolverConfig:
         """The solver settings of one block whose kept count is n (differs from the target with the coarse stage)."""
         return dataclasses.replace(self.solver, n=n) if self.nm else self.solver
+
+    def plan_shapes_check(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """Method plan: refuse a budget outside what the codes can reach on these linears (before any work)."""
+        if self.method != "plan":
+            return
+        try:
+            lo, hi = planner.reachable(shapes, self.codes, self.solver)
+        except ValueError as e:
+            raise ExportError(f"--codes: {e}") from None
+        if not lo <= self.bpw <= hi:
+            raise ExportError(f"--bpw {self.bpw}: out of reach; with codes {', '.join(self.codes)} this model's "
+                              f"linears take {lo:.3f} to {hi:.3f} bits per weight")
 
     def use_coarse(self) -> bool:
         return self.coarse and self.nm is not None and self.method != "fp16"

@@ -24,7 +24,7 @@ import torch
 
 from pbs2p import format as fmt
 
-from . import arch, coarse, solver, writer
+from . import arch, coarse, planner, solver, writer
 from .config import ExportError, QuantConfig
 
 
@@ -41,13 +41,14 @@ class LayerRecord:
     nbytes: int  # bytes the file spends on the weight (planes + scales, or the dense tensor)
     param_bits: float
     stats: dict = field(default_factory=dict)
+    code: str = ""  # method plan: the planned code (planner.CODES)
 
 
 @dataclass
 class Result:
     """A compressed model, in memory: `model` holds the fake-quant weights (Ŵ, equal to what the file will hold),
-    `records` one LayerRecord per linear, `linears` what the file stores for each (SbLinear, or the F16 weight of an
-    fp16 export). `save(path)` writes the file."""
+    `records` one LayerRecord per linear, `linears` what the file stores for each (SbLinear, QLinear of a planned
+    export, or the F16 weight of an fp16 export). `save(path)` writes the file."""
 
     loaded: Any  # models.Loaded: the model, its tokenizer, where it came from
     family: arch.Family
@@ -59,6 +60,7 @@ class Result:
     calibration: str
     seconds: float
     checkpoint: Any = None  # the export's checkpoint.Checkpoint, removed once the file is saved
+    plan: Any = None  # method plan: the planner.Plan the linears were compressed by
 
     @property
     def model(self) -> Any:
@@ -251,6 +253,15 @@ def compress(loaded: Any, cfg: QuantConfig, windows: torch.Tensor | None, calibr
 
     if windows is None:
         raise ExportError("a quantizing method needs calibration windows")
+    plan = None
+    if cfg.method == "plan":
+        if ckpt is not None and resume and ckpt.meta.get("plan"):
+            plan = planner.Plan.from_json(ckpt.meta["plan"])
+        else:
+            t1 = time.time()
+            plan = planner.make_plan(model, fam, windows, cfg, dev)
+            log(plan.table(per_layer=False))
+            log(f"plan: measured in {time.time() - t1:.1f} s")
     inps, kwargs = capture_block0_inputs(model, fam, windows, dev)
     done = 0
     if ckpt is not None and resume:
@@ -260,9 +271,11 @@ def compress(loaded: Any, cfg: QuantConfig, windows: torch.Tensor | None, calibr
             sbs = ckpt.load_block(li)
             for path, gname, lin in arch.block_linears(layers[li], fam):
                 sb = sbs.get(gname)
-                if sb is None or (sb.n_out, sb.n_in) != tuple(lin.weight.shape) or sb.block_size != cfg.block_size:
+                if sb is None or (sb.n_out, sb.n_in) != tuple(lin.weight.shape) or \
+                        (isinstance(sb, fmt.SbLinear) and sb.block_size != cfg.block_size):
                     raise ExportError(f"--resume: checkpoint block {li} lacks a matching {gname}")
-                lin.weight.data.copy_(torch.from_numpy(fmt.dequantize_sb(sb)).to(lin.weight.device))
+                w_hat = fmt.dequantize_sb(sb) if isinstance(sb, fmt.SbLinear) else sb.dequantize()
+                lin.weight.data.copy_(torch.from_numpy(w_hat).to(lin.weight.device))
                 linears[f"blk.{li}.{gname}"] = sb
         records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in ckpt.meta["records"]]
         block_err = list(ckpt.meta["block_err"])
@@ -283,7 +296,7 @@ def compress(loaded: Any, cfg: QuantConfig, windows: torch.Tensor | None, calibr
         log("coarse stage: block cos " + " ".join(f"{c:.3f}" for c in cos_sum))
         log("coarse stage: N per block " + " ".join(map(str, nm_n)))
     if ckpt is not None and not resume:
-        ckpt.start(windows, calibration, nm_n, nl)
+        ckpt.start(windows, calibration, nm_n, nl, plan.to_json() if plan else None)
 
     n_lin = len(fam.linears)
     bar = tqdm(total=nl * n_lin, initial=done * n_lin, desc="compress", unit="layer", disable=not cfg.progress,
@@ -298,16 +311,21 @@ def compress(loaded: Any, cfg: QuantConfig, windows: torch.Tensor | None, calibr
             bar.set_postfix_str(f"blk {li} {gname}")
             t1 = time.time()
             W = lin.weight.data.float().clone()
-            res = solver.compress_layer(W, accs[owner[gname]].H, scfg)
-            w_hat = res.w_hat.to(device=W.device, dtype=torch.float32)
-            sb = fmt.pack_sb(res.terms, res.alpha, res.mu, cfg.block_size)
-            if not np.array_equal(fmt.dequantize_sb(sb), w_hat.cpu().numpy()):  # the packed bits hold exactly Ŵ
-                raise RuntimeError(f"blk.{li}.{gname}: the packed layer does not dequantize to the solver's w_hat")
+            pre = f"blk.{li}.{gname}"
+            code = plan.code(pre) if plan else ""
+            obj, w_hat, stats = planner.solve(code, W, accs[owner[gname]].H, scfg) if code else \
+                _solve_sb(W, accs[owner[gname]].H, scfg)
+            w_hat = w_hat.to(device=W.device, dtype=torch.float32)
+            back = fmt.dequantize_sb(obj) if isinstance(obj, fmt.SbLinear) else obj.dequantize()
+            if not np.array_equal(back, w_hat.cpu().numpy()):  # the packed bytes hold exactly Ŵ
+                raise RuntimeError(f"{pre}: the packed layer does not dequantize to the solver's w_hat")
             lin.weight.data.copy_(w_hat)
-            linears[f"blk.{li}.{gname}"] = sb
-            records.append(LayerRecord(li, gname, tuple(W.shape), scfg.n, scfg.m, res.stats["err_w"],
-                                       res.stats["err_out"], time.time() - t1, sb.nbytes(), fmt.param_bits(sb),
-                                       dict(res.stats)))
+            linears[pre] = obj
+            sc = planner.code_solver(code, scfg) if code else scfg
+            n, m = (sc.n, sc.m) if sc else (0, 0)
+            pbits = fmt.param_bits(obj) if isinstance(obj, fmt.SbLinear) else stats["param_bits"]
+            records.append(LayerRecord(li, gname, tuple(W.shape), n, m, stats["err_w"], stats["err_out"],
+                                       time.time() - t1, obj.nbytes(), pbits, dict(stats), code))
             bar.update(1)
         del accs
         q_out = run_block(layer, inps, kwargs)
@@ -320,7 +338,12 @@ def compress(loaded: Any, cfg: QuantConfig, windows: torch.Tensor | None, calibr
     bar.close()
     if not cfg.nm:
         nm_n = [0] * nl
-    return Result(loaded, fam, cfg, linears, nm_n, records, block_err, calibration, time.time() - t0, ckpt)
+    return Result(loaded, fam, cfg, linears, nm_n, records, block_err, calibration, time.time() - t0, ckpt, plan)
+
+
+def _solve_sb(W: torch.Tensor, H: torch.Tensor, scfg: solver.SolverConfig) -> tuple[fmt.SbLinear, torch.Tensor, dict]:
+    res = solver.compress_layer(W, H, scfg)
+    return fmt.pack_sb(res.terms, res.alpha, res.mu, scfg.block_size), res.w_hat, res.stats
 
 
 def _open_checkpoint(cfg: QuantConfig, resume: bool, force: bool) -> tuple[Any, bool]:
@@ -372,6 +395,8 @@ def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | 
     ck, fresh_ck = _open_checkpoint(cfg, resume, force)
     loaded = load_model(model, tokenizer)
     fam = arch.family_of(loaded.model.config)
+    cfg.plan_shapes_check({f"blk.{li}.{g}": tuple(lin.weight.shape) for li, layer in
+                           enumerate(arch.blocks(loaded.model, fam)) for _, g, lin in arch.block_linears(layer, fam)})
     set_determinism(cfg.seed)
     windows, desc = None, "none"
     if ck is not None:

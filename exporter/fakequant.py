@@ -70,14 +70,20 @@ def _set_child(root: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def enable_act_quant(model: Any, block_size: int, only: set[str] | None = None) -> Any:
-    """Wrap the linears of every block (or only the GGUF prefixes in `only`, e.g. the sparse-binary ones)."""
+def enable_act_quant(model: Any, block_size: int, only: set[str] | None = None,
+                     q_blocks: set[str] = frozenset()) -> Any:
+    """Wrap the linears of every block (or only the GGUF prefixes in `only`, e.g. the sparse-binary ones) with
+    the sparse-binary input quantizer (blocks of block_size); the prefixes in q_blocks (Q8_0 / Q4_0 linears) with
+    the runtime's Q8_0 input quantizer (blocks of 32, the same rule)."""
     fam = arch.family_of(model.config)
     for li, layer in enumerate(arch.blocks(model, fam)):
         for path, gname, lin in arch.block_linears(layer, fam):
             if isinstance(lin, ActQuantLinear):
                 continue
-            if only is None or f"blk.{li}.{gname}" in only:
+            pre = f"blk.{li}.{gname}"
+            if pre in q_blocks:
+                _set_child(layer, path, ActQuantLinear(lin, fmt.Q8_0_BLOCK))
+            elif only is None or pre in only:
                 _set_child(layer, path, ActQuantLinear(lin, block_size))
     return model
 
@@ -88,7 +94,8 @@ def from_export(comp: Any, act_quant: bool = False) -> Any:
     model = comp.model
     if act_quant:
         sb = {k for k, v in comp.linears.items() if isinstance(v, fmt.SbLinear)}
-        enable_act_quant(model, comp.cfg.block_size, sb)
+        q = {k for k, v in comp.linears.items() if isinstance(v, fmt.QLinear)}
+        enable_act_quant(model, comp.cfg.block_size, sb, q)
     return model
 
 
@@ -150,7 +157,9 @@ def load_fakequant(path: str | Path, act_quant: bool = False, device: str = "cpu
     if tied:
         model.tie_weights()
     if act_quant:
-        enable_act_quant(model, int(kv.get(fmt.KEY_BLOCK_SIZE, fmt.DEFAULT_BLOCK_SIZE)), set(sbs))
+        q = {pre for pre in mf.linear_prefixes() if pre not in sbs and
+             mf.tensor_type(pre + fmt.SUFFIX_WEIGHT) in (fmt.GGMLType.Q8_0, fmt.GGMLType.Q4_0)}
+        enable_act_quant(model, int(kv.get(fmt.KEY_BLOCK_SIZE, fmt.DEFAULT_BLOCK_SIZE)), set(sbs), q)
         if mf.tensor_type("token_embd.weight" if tied else "output.weight") in (fmt.GGMLType.Q8_0,
                                                                                  fmt.GGMLType.Q4_0):
             enable_head_act_quant(model)

@@ -441,3 +441,82 @@ def compress_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: SolverConfig) -
     stats["time_s"] = time.perf_counter() - t_start
     log.debug("compress_layer %dx%d %s %d:%d -> %s", R, K, cfg.method, cfg.n, cfg.m, stats)
     return LayerResult(terms_np, alpha_np, mu_np, w_hat, stats)
+
+
+# --- Q8_0 / Q4_0 linears (the budget planner's wider codes): GPTQ in ggml's block layouts ------------------
+
+Q_CODES = {"q8_0": spec.GGMLType.Q8_0, "q4_0": spec.GGMLType.Q4_0}
+Q_GPTQ_BLOCK = 128  # lazy-update block of columns (GPTQ's), a multiple of the 32-column scale group
+
+
+@dataclass
+class QResult:
+    gtype: spec.GGMLType
+    d: np.ndarray        # float16 (R, K/32): the blocks' scales
+    q: np.ndarray        # int (R, K): Q8_0 values in [-127, 127], Q4_0 nibbles in [0, 15]
+    w_hat: torch.Tensor  # float32 (R, K) == format.pack_q(gtype, d, q).dequantize()
+    stats: dict = field(default_factory=dict)
+
+
+def _q_scale(Wg: torch.Tensor, gtype: spec.GGMLType) -> torch.Tensor:
+    """ggml's scale rule on one 32-column group (R, 32), rounded to f16: Q8_0 d = amax/127; Q4_0 d = m/−8 with
+    m the signed value of largest magnitude (so m itself is exactly representable)."""
+    if gtype == spec.GGMLType.Q8_0:
+        return _f16(Wg.abs().amax(1) / 127.0)
+    idx = Wg.abs().argmax(1, keepdim=True)
+    return _f16(Wg.gather(1, idx)[:, 0] / -8.0)
+
+
+def _q_column(w: torch.Tensor, d: torch.Tensor, gtype: spec.GGMLType) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer, value) of one column under scales d: ggml's rounding (Q8_0 roundf; Q4_0 trunc(x/d + 8.5))."""
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    if gtype == spec.GGMLType.Q8_0:
+        q = torch.clamp(torch.sign(w * inv) * torch.floor((w * inv).abs() + 0.5), -127, 127)
+        return q, d * q
+    q = torch.clamp(torch.floor(w * inv + 8.5), 0, 15)
+    return q, d * (q - 8)
+
+
+def compress_q(W: torch.Tensor, H: torch.Tensor | None, code: str, percdamp: float = 0.01) -> QResult:
+    """One linear W (R, K), K % 32 == 0, as Q8_0 / Q4_0 blocks solved by GPTQ (Frantar et al. 2022): columns in
+    order, each group's scale set by ggml's rule from the error-updated weights when the group starts (GPTQ's
+    groupwise mode), every column's rounding error pushed onto the columns not yet quantized through the upper
+    Cholesky factor of H⁻¹. H None: round to nearest (ggml's quantizer up to the scale's f16 rounding)."""
+    t_start = time.perf_counter()
+    gtype = Q_CODES[code]
+    R, K = W.shape
+    G = spec.Q8_0_BLOCK
+    if K % G:
+        raise ValueError(f"K = {K} is not a multiple of {G} ({code})")
+    W0 = W.detach().to(torch.float32)
+    Wc = W0.clone()
+    Hinv, n_dead = _prepare_hinv(H, Wc, percdamp) if H is not None else (None, 0)
+    Q = torch.zeros_like(Wc)
+    qi = torch.zeros_like(Wc)
+    d = torch.zeros(R, K // G, device=Wc.device)
+    for i1 in range(0, K, Q_GPTQ_BLOCK):
+        i2 = min(i1 + Q_GPTQ_BLOCK, K)
+        W1 = Wc[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % G == 0:
+                d[:, col // G] = _q_scale(W1[:, i:i + G], gtype)
+            q, v = _q_column(W1[:, i], d[:, col // G], gtype)
+            qi[:, col], Q[:, col] = q, v
+            if Hinv is not None:
+                err = (W1[:, i] - v) / Hinv[col, col]
+                W1[:, i:] -= err[:, None] * Hinv[col, col:i2][None, :]
+                Err1[:, i] = err
+        if Hinv is not None and i2 < K:
+            Wc[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    d16 = d.to(torch.float16).cpu().numpy()
+    q_np = qi.to(torch.int16).cpu().numpy()
+    E = W0 - Q
+    stats = {"method": code, "n_terms": 0, "dead_cols": n_dead,
+             "err_w": float((E.double() ** 2).sum() / (W0.double() ** 2).sum().clamp_min(1e-300)),
+             "param_bits": 8.0 if gtype == spec.GGMLType.Q8_0 else 4.0}
+    if H is not None:
+        stats["err_out"] = output_error(W0, E, H)
+    stats["time_s"] = time.perf_counter() - t_start
+    return QResult(gtype, d16, q_np, Q, stats)

@@ -51,7 +51,7 @@ def build_metadata(comp: Any) -> list[tuple[str, Any, str]]:
     """The file's keys (docs/format.md, \"Metadata\") for a driver.Result."""
     loaded, model, fam, cfg = comp.loaded, comp.model, comp.family, comp.cfg
     n_vocab = arch.get_module(model, fam.embed).weight.shape[0]
-    nm = f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else "dense"
+    nm = f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else f"{cfg.bpw:g} bpw" if cfg.method == "plan" else "dense"
     kv: list[tuple[str, Any, str]] = [("general.name", f"{loaded.name} {cfg.method} {nm}", "str")]
     kv += arch.metadata(model.config, fam, n_vocab)
     kv += [(fmt.KEY_METHOD, cfg.method, "str"),
@@ -59,6 +59,8 @@ def build_metadata(comp: Any) -> list[tuple[str, Any, str]]:
            (fmt.KEY_NM_N, list(comp.nm_n), "arr_u32"),
            (fmt.KEY_BLOCK_SIZE, cfg.block_size, "u32"),
            (fmt.KEY_CALIBRATION, comp.calibration, "str")]
+    if getattr(comp, "plan", None) is not None:
+        kv.append((fmt.KEY_PLAN, comp.plan.to_json(), "str"))
     kv += tokmeta.tokenizer_metadata(loaded.tokenizer, fam.name, n_vocab, loaded.gguf_path, loaded.name)
     return kv
 
@@ -90,6 +92,8 @@ def write(comp: Any, out: str | Path, force: bool = False) -> None:
                 obj = comp.linears[pre]
                 if isinstance(obj, fmt.SbLinear):
                     w.add_sb(pre, obj)
+                elif isinstance(obj, fmt.QLinear):
+                    w.add_q(pre + fmt.SUFFIX_WEIGHT, obj)
                 else:
                     w.add_dense(pre + fmt.SUFFIX_WEIGHT, obj, fmt.GGMLType.F16)
                 if lin.bias is not None:
@@ -97,14 +101,18 @@ def write(comp: Any, out: str | Path, force: bool = False) -> None:
 
 
 def summary(comp: Any, stats: dict[str, float] | None) -> str:
-    lines = [f"{'block':>5} {'layer':<12} {'shape':>12} {'N:M':>5} {'w-err':>9} {'out-err':>9} {'bpw':>6} {'time s':>7}"]
+    lines = [f"{'block':>5} {'layer':<12} {'shape':>12} {'code':>9} {'w-err':>9} {'out-err':>9} {'bpw':>6} {'time s':>7}"]
     for r in comp.records:
-        nm = f"{r.n}:{r.m}" if r.m else "-"
-        lines.append(f"{r.block:>5} {r.name:<12} {r.shape[0]:>5}x{r.shape[1]:<6} {nm:>5} {r.err_w:>9.4f} "
+        code = r.code or (f"{r.n}:{r.m}" if r.m else "-")
+        lines.append(f"{r.block:>5} {r.name:<12} {r.shape[0]:>5}x{r.shape[1]:<6} {code:>9} {r.err_w:>9.4f} "
                      f"{r.err_out:>9.4f} {8.0 * r.nbytes / (r.shape[0] * r.shape[1]):>6.3f} {r.seconds:>7.2f}")
     if comp.block_err:
         lines.append("block output rel. error: " + " ".join(f"{e:.3f}" for e in comp.block_err))
-    lines.append(f"method {comp.cfg.method}, N per block {comp.nm_n}, calibration: {comp.calibration}")
+    if getattr(comp, "plan", None) is not None:
+        lines.append(comp.plan.table(per_layer=False))
+        lines.append(f"method plan, calibration: {comp.calibration}")
+    else:
+        lines.append(f"method {comp.cfg.method}, N per block {comp.nm_n}, calibration: {comp.calibration}")
     lines.append(f"compression time {comp.seconds:.1f} s")
     if stats:
         lines.append(f"file {stats['file_bytes']:,} bytes; linears {stats['linear_bytes']:,} bytes for "

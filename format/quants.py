@@ -2,11 +2,13 @@
 rules: the bytes are what llama.cpp writes) and the runtime's int8 activation quantizer."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from gguf import quants as ggq
 from gguf.constants import GGMLQuantizationType
 
-from .spec import Q8_0_BLOCK, n_blocks
+from .spec import Q4_0_BYTES, Q8_0_BLOCK, Q8_0_BYTES, GGMLType, n_blocks
 
 
 def _rows(x: np.ndarray, what: str) -> np.ndarray:
@@ -69,3 +71,63 @@ def quantize_act(x: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray
     return q, s
 
 
+
+
+# --- dense block-quantized linears (the budget planner's Q4_0 / Q8_0 codes) -------------------------------
+
+QTYPE_BYTES = {GGMLType.Q8_0: Q8_0_BYTES, GGMLType.Q4_0: Q4_0_BYTES}
+QTYPE_RANGE = {GGMLType.Q8_0: (-127, 127), GGMLType.Q4_0: (0, 15)}  # stored integer (Q4_0: nibble, value d·(q − 8))
+
+
+@dataclass
+class QLinear:
+    """A linear stored as ggml Q8_0 or Q4_0 blocks with scales and integers chosen by the exporter (a GPTQ
+    solve, not ggml's round-to-nearest rule): data uint8 (R, K/32 · block bytes), exactly the file's bytes."""
+
+    gtype: GGMLType
+    n_out: int
+    n_in: int
+    data: np.ndarray
+
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def storage_bpw(self) -> float:
+        return 8.0 * self.nbytes() / (self.n_out * self.n_in)
+
+    def validate(self) -> None:
+        if self.gtype not in QTYPE_BYTES:
+            raise ValueError(f"QLinear type {self.gtype!r}: Q8_0 or Q4_0")
+        if self.n_in % Q8_0_BLOCK:
+            raise ValueError(f"QLinear K = {self.n_in} is not a multiple of {Q8_0_BLOCK}")
+        want = (self.n_out, self.n_in // Q8_0_BLOCK * QTYPE_BYTES[self.gtype])
+        if self.data.shape != want or self.data.dtype != np.uint8:
+            raise ValueError(f"QLinear data {self.data.shape} {self.data.dtype}, expected {want} uint8")
+
+    def dequantize(self) -> np.ndarray:
+        """float32 (R, K) through gguf-py's dequantizer (value d·q, or d·(nibble − 8) for Q4_0)."""
+        return _dequantize(self.data, self.n_in, GGMLQuantizationType(int(self.gtype)))
+
+
+def pack_q(gtype: GGMLType, d: np.ndarray, q: np.ndarray) -> QLinear:
+    """ggml blocks from per-block scales d (R, K/32, stored as float16) and integers q (R, K) in QTYPE_RANGE:
+    Q8_0 block = d then 32 int8; Q4_0 block = d then 16 bytes, byte j = q[j] | q[j + 16] << 4."""
+    gtype = GGMLType(gtype)
+    q = np.asarray(q)
+    r, k = q.shape
+    if k % Q8_0_BLOCK:
+        raise ValueError(f"K = {k} is not a multiple of {Q8_0_BLOCK}")
+    nb = k // Q8_0_BLOCK
+    lo, hi = QTYPE_RANGE[gtype]
+    if q.size and (int(q.min()) < lo or int(q.max()) > hi):
+        raise ValueError(f"{gtype.name} integers must lie in [{lo}, {hi}]")
+    d16 = np.asarray(d, dtype=np.float16).reshape(r, nb, 1).view(np.uint8)  # (R, nb, 2) little-endian f16
+    qb = q.reshape(r, nb, Q8_0_BLOCK)
+    if gtype == GGMLType.Q8_0:
+        body = qb.astype(np.int8).view(np.uint8)
+    else:
+        u = qb.astype(np.uint8)
+        body = u[..., :16] | (u[..., 16:] << 4)
+    ql = QLinear(gtype, r, k, np.ascontiguousarray(np.concatenate([d16, body], axis=-1).reshape(r, -1)))
+    ql.validate()
+    return ql

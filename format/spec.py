@@ -59,6 +59,7 @@ KEY_NM_N = "pbs2p.nm.n"
 KEY_BLOCK_SIZE = "pbs2p.block_size"
 KEY_CALIBRATION = "pbs2p.calibration"
 KEY_POS_OFFSET = "pbs2p.pos_offset"
+KEY_PLAN = "pbs2p.plan"       # method "plan": the budget planner's plan as a JSON string (docs/format.md, "Plan")
 
 # --- tensor names -----------------------------------------------------------------------------------------
 SUFFIX_PLANES = ".planes"
@@ -76,8 +77,11 @@ FAMILIES = ("llama", "qwen2", "opt")
 # files used the bare family name; readers accept that for version 1 only.
 ARCH_PREFIX = "pbs2p-"
 
-# values of pbs2p.method: the exporter's methods ("fp16": dense F16 linears, no quantization)
-METHODS = ("pbs2p", "sign", "billm", "arb", "stbllm", "fp16")
+# values of pbs2p.method: the exporter's methods ("fp16": dense F16 linears, no quantization; "plan": a code per
+# linear chosen by the bits-per-weight budget planner, the plan in pbs2p.plan)
+METHODS = ("pbs2p", "sign", "billm", "arb", "stbllm", "fp16", "plan")
+# ggml types a dense linear may have (Q8_0 / Q4_0 need K % Q8_0_BLOCK == 0)
+DENSE_LINEAR_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
 
 
 class FormatError(ValueError):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .encoding import SbLinear
-from .quants import quantize_q4_0, quantize_q8_0
+from .quants import QLinear, quantize_q4_0, quantize_q8_0
 from .spec import (ALIGNMENT, FORMAT_VERSION, KEY_ALIGNMENT, KEY_FORMAT_VERSION, SUFFIX_ALPHA, SUFFIX_MU,
                    SUFFIX_PLANES, GGMLType, arch_name)
 
@@ -33,6 +33,9 @@ class ModelWriter:
             raise FileNotFoundError(f"output folder {parent} does not exist")
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the renamed file gets the usual permissions
         self._tmp = Path(tmp)
         self.arch = arch_name(family)
         self._w = gguf.GGUFWriter(str(self._tmp), self.arch)
@@ -74,6 +77,14 @@ class ModelWriter:
         self._w.add_tensor(prefix + SUFFIX_PLANES, sb.planes.view(np.int8))
         self._w.add_tensor(prefix + SUFFIX_ALPHA, sb.alpha)
         self._w.add_tensor(prefix + SUFFIX_MU, sb.mu)
+
+    def add_q(self, name: str, ql: QLinear) -> None:
+        """A solved Q8_0 / Q4_0 linear: its bytes as they are."""
+        import gguf
+
+        ql.validate()
+        self._w.add_tensor(name, ql.data, raw_shape=ql.data.shape,
+                           raw_dtype=gguf.GGMLQuantizationType(int(ql.gtype)))
 
     def add_dense(self, name: str, x: np.ndarray, gtype: GGMLType = GGMLType.F32) -> None:
         """A float tensor as F32, F16, Q8_0 or Q4_0 (rows of the last axis)."""

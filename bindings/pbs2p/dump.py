@@ -14,9 +14,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .format import KEY_NM_M, SUFFIX_WEIGHT, GGMLType, ModelFile, field_value, n_words
+from .format import KEY_NM_M, KEY_PLAN, SUFFIX_WEIGHT, GGMLType, ModelFile, field_value, n_words
 # parameter bits per weight of a dense linear, as the runtime counts them (model.c)
-_DENSE_BITS = {GGMLType.F32: 32.0, GGMLType.F16: 16.0, GGMLType.Q8_0: 8.0}
+_DENSE_BITS = {GGMLType.F32: 32.0, GGMLType.F16: 16.0, GGMLType.Q8_0: 8.0, GGMLType.Q4_0: 4.0}
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def _measure_nm(planes: np.ndarray, n_out: int, n_in: int, n_terms: int, m: int)
 
 
 def linear_stats(mf: ModelFile) -> list[LinearStats]:
-    m = int(mf.kv.get(KEY_NM_M, 0) or 0)
+    m = int(mf.kv.get(KEY_NM_M, 0) or 0) or (8 if KEY_PLAN in mf.kv else 0)  # planned N:M codes are all N:8
     out = []
     for pre in mf.linear_prefixes():
         if not mf.is_sb(pre):
@@ -92,6 +92,32 @@ def linear_stats(mf: ModelFile) -> list[LinearStats]:
         bits = float(np.unpackbits(sb.planes, bitorder="little").sum())
         out.append(LinearStats(pre, "sparse-binary", sb.n_out, sb.n_in, sb.n_terms,
                                _measure_nm(sb.planes, sb.n_out, sb.n_in, sb.n_terms, m), sb.nbytes(), bits))
+    return out
+
+
+def plan_lines(text: Any, file_bytes: dict[str, int]) -> list[str]:
+    """The budget planner's plan (pbs2p.plan, JSON) as dump lines: target and planned bpw, bytes per code, and
+    per linear its code, bytes and estimated damage; a plan entry whose bytes differ from the file's is flagged."""
+    import json
+
+    out = ["\nplan (" + KEY_PLAN + "):"]
+    try:
+        d = json.loads(text)
+        layers = [(str(a), str(c), int(b), float(x), int(w)) for a, c, b, x, w in d["layers"]]
+        target, planned, sens = float(d["target_bpw"]), float(d["bpw"]), str(d["sensitivity"])
+    except (TypeError, ValueError, KeyError) as e:
+        return out + [f"  unreadable plan ({type(e).__name__}: {e})"]
+    out.append(f"  target {target:.3f} bpw, planned {planned:.3f} bpw, sensitivity {sens}")
+    by: dict[str, list[int]] = {}
+    for _, c, b, _, w in layers:
+        by.setdefault(c, [0, 0, 0])
+        by[c] = [by[c][0] + 1, by[c][1] + b, by[c][2] + w]
+    for c, (n, b, w) in sorted(by.items(), key=lambda kv: -kv[1][1]):
+        out.append(f"  {c:<10} {n:>4} linears {b:>12} bytes {8.0 * b / max(w, 1):>7.3f} bpw")
+    out.append(f"  {'layer':<22} {'code':<10} {'bytes':>10} {'damage':>11}")
+    for a, c, b, x, _ in layers:
+        flag = "" if file_bytes.get(a) == b else f"  (file holds {file_bytes.get(a)} bytes)"
+        out.append(f"  {a:<22} {c:<10} {b:>10} {x:>11.4g}{flag}")
     return out
 
 
@@ -116,8 +142,8 @@ def dump(path: str, out: TextIO = sys.stdout, all_values: bool = False) -> None:
         pre = t.name.rsplit(".", 1)[0]
         if pre in sb_prefix:
             enc = "sparse-binary"
-        elif int(t.tensor_type) == GGMLType.Q8_0:
-            enc = "Q8_0"
+        elif int(t.tensor_type) in (GGMLType.Q8_0, GGMLType.Q4_0):
+            enc = _type_name(int(t.tensor_type))
         else:
             enc = "dense"
         p(f"  {t.name:<34} {_type_name(int(t.tensor_type)):<6} {str(shape):<18} {int(t.n_bytes):>10}  {enc}")
@@ -128,6 +154,9 @@ def dump(path: str, out: TextIO = sys.stdout, all_values: bool = False) -> None:
         for s in stats:
             p(f"  {s.name:<22} {s.encoding:<14} {f'{s.n_out}x{s.n_in}':<12} {s.n_terms:>2} {s.nm:<10} "
               f"{s.storage_bpw:>11.3f} {s.param_bits / (s.n_out * s.n_in):>10.3f}")
+    if KEY_PLAN in mf.kv:
+        for line in plan_lines(mf.kv[KEY_PLAN], {s.name: s.n_bytes for s in stats}):
+            p(line)
     n_w = sum(s.n_out * s.n_in for s in stats)
     n_b = sum(s.n_bytes for s in stats)
     p("\ntotals:")

@@ -42,6 +42,7 @@
 #define PBS2P_SPEC_KEY_METHOD "pbs2p.method"
 #define PBS2P_SPEC_KEY_NM_M "pbs2p.nm.m"
 #define PBS2P_SPEC_KEY_NM_N "pbs2p.nm.n"
+#define PBS2P_SPEC_KEY_PLAN "pbs2p.plan"
 #define PBS2P_SPEC_KEY_POS_OFFSET "pbs2p.pos_offset"
 #define PBS2P_SPEC_SUFFIX_ALPHA ".alpha"
 #define PBS2P_SPEC_SUFFIX_BIAS ".bias"

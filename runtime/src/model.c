@@ -144,9 +144,10 @@ static pbs2p_status bind_linear(pbs2p_model *m, const char *prefix, int32_t R, i
     if (tw && (tp || ta || tm))
         return PBS2P_FAIL(PBS2P_ERR_FORMAT, "linear %s is stored both dense (.weight) and sparse-binary", prefix);
     if (tw) {
-        if (tw->type != GGML_TYPE_F32 && tw->type != GGML_TYPE_F16 && tw->type != GGML_TYPE_Q8_0)
+        if (tw->type != GGML_TYPE_F32 && tw->type != GGML_TYPE_F16 && tw->type != GGML_TYPE_Q8_0 &&
+            tw->type != GGML_TYPE_Q4_0)
             return PBS2P_FAIL(PBS2P_ERR_UNSUPPORTED,
-                              "tensor %s has type %s (dense linears: F32, F16 or Q8_0; sparse-binary: .planes)",
+                              "tensor %s has type %s (dense linears: F32, F16, Q8_0 or Q4_0; sparse-binary: .planes)",
                               tw->name, type_name(tw->type));
         if ((st = check_shape(tw, 2, R, K, 0))) return st;
         if (tw->type == GGML_TYPE_F32 && !is_aligned(tw->data, 4))
@@ -156,7 +157,8 @@ static pbs2p_status bind_linear(pbs2p_model *m, const char *prefix, int32_t R, i
         L->type = tw->type;
         L->w = tw->data;
         m->info.n_linear_bytes += (int64_t)tw->n_bytes;
-        m->info.param_bits += (double)R * K * (tw->type == GGML_TYPE_F32 ? 32 : tw->type == GGML_TYPE_F16 ? 16 : 8);
+        m->info.param_bits += (double)R * K * (tw->type == GGML_TYPE_F32 ? 32 : tw->type == GGML_TYPE_F16 ? 16
+                                               : tw->type == GGML_TYPE_Q8_0 ? 8 : 4);
     } else if (tp || ta || tm) {
         if (!tp || !ta || !tm)
             return PBS2P_FAIL(PBS2P_ERR_FORMAT, "sparse-binary linear %s lacks its %s tensor", prefix,
@@ -754,9 +756,9 @@ static void matmul_fn(void *arg, int32_t ith, int32_t nth) {
     if (r0 >= r1) return;
     if (L->is_sb) {
         t->ctx->kern->sb_gemm(&L->sb, &t->ctx->act, t->y, R, r0, r1);
-    } else if (L->type == GGML_TYPE_Q8_0) {
+    } else if (L->type == GGML_TYPE_Q8_0 || L->type == GGML_TYPE_Q4_0) {
         pbs2p_q8_act a = {.n_tok = t->n_tok, .n_blocks = K / 32, .q = t->ctx->q8_q, .d = t->ctx->q8_d};
-        t->ctx->kern->q8_gemm(L->w, K, &a, t->y, R, r0, r1);
+        (L->type == GGML_TYPE_Q8_0 ? t->ctx->kern->q8_gemm : t->ctx->kern->q4_gemm)(L->w, K, &a, t->y, R, r0, r1);
     } else if (L->type == GGML_TYPE_F16) {
         const uint16_t *w = L->w;
         for (int32_t r = r0; r < r1; r++)
@@ -771,7 +773,7 @@ static void matmul_fn(void *arg, int32_t ith, int32_t nth) {
             for (int32_t r = r0; r < r1; r++) t->y[(size_t)i * R + r] += L->bias[r];
 }
 
-/* Q8_0 weights (dense linears, output head) take their input quantized to Q8_0 blocks in q8_q / q8_d. */
+/* Q8_0 and Q4_0 weights (dense linears, output head) take their input quantized to Q8_0 blocks in q8_q / q8_d. */
 static void q8_quantize(pbs2p_ctx *ctx, const float *x, int32_t K, int32_t n_tok) {
     pbs2p_q8_act a = {.n_tok = n_tok, .n_blocks = K / 32, .q = ctx->q8_q, .d = ctx->q8_d};
     pbs2p_q8_quantize_ref(&a, x, K, 0, n_tok);
@@ -781,7 +783,7 @@ static void q8_quantize(pbs2p_ctx *ctx, const float *x, int32_t K, int32_t n_tok
 static void linear(pbs2p_ctx *ctx, const pbs2p_linear *L, const float *x, float *y, int32_t n_tok, int prepared) {
     if (!prepared) {
         if (L->is_sb) quantize_input(ctx, x, L->n_in, n_tok);
-        else if (L->type == GGML_TYPE_Q8_0) q8_quantize(ctx, x, L->n_in, n_tok);
+        else if (L->type == GGML_TYPE_Q8_0 || L->type == GGML_TYPE_Q4_0) q8_quantize(ctx, x, L->n_in, n_tok);
     }
     matmul_task t = {ctx, L, x, y, n_tok};
     pbs2p_pool_run(ctx->pool, matmul_fn, &t);
@@ -791,7 +793,9 @@ static void linear(pbs2p_ctx *ctx, const pbs2p_linear *L, const float *x, float 
 static int same_quant(const pbs2p_linear *a, const pbs2p_linear *b) {
     if (a->is_sb != b->is_sb) return 0;
     if (a->is_sb) return 1;
-    return a->type == b->type && a->type == GGML_TYPE_Q8_0;
+    const int qa = a->type == GGML_TYPE_Q8_0 || a->type == GGML_TYPE_Q4_0;
+    const int qb = b->type == GGML_TYPE_Q8_0 || b->type == GGML_TYPE_Q4_0;
+    return qa && qb;  /* both read the same Q8_0-quantized input */
 }
 
 static void rmsnorm(float *o, const float *x, const float *w, int32_t n, float eps) {

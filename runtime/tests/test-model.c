@@ -1,5 +1,5 @@
 /* Model + forward pass against PyTorch. Fixtures (written by the Python exporter's test-fixture step into
- * $PBS2P_TEST_DIR), for each NAME in {tiny-llama, tiny-qwen2, tiny-opt}:
+ * $PBS2P_TEST_DIR), for each NAME in {tiny-llama, tiny-qwen2, tiny-opt, tiny-llama-dense, tiny-*-plan}:
  *   NAME.pbs2p        the model file
  *   NAME.tokens.i32   n int32 token ids (little endian)
  *   NAME.logits.f32   n × n_vocab float32 logits of the PyTorch model on those tokens, with act_quant=True
@@ -172,7 +172,8 @@ int main(void) {
     const char *dir = getenv("PBS2P_TEST_DIR");
     int tested = 0;
     if (dir) {
-        const char *names[] = {"tiny-llama", "tiny-qwen2", "tiny-opt", "tiny-llama-dense"};
+        const char *names[] = {"tiny-llama", "tiny-qwen2", "tiny-opt", "tiny-llama-dense", "tiny-llama-plan",
+                               "tiny-qwen2-plan"};
         for (size_t i = 0; i < sizeof names / sizeof *names; i++) tested += test_fixture(dir, names[i]);
     }
     printf("test-model: %d passed, %d failed\n", n_pass, n_fail);

@@ -1,0 +1,309 @@
+"""The bits-per-weight budget planner (method "plan", `--bpw B`): a code per linear layer so that the linears'
+storage bits per weight meet B (within 1%, below it) at the least estimated damage (docs/algorithm.md, "Budget
+planner").
+
+Codes (every one a layout the file and the C runtime hold; bytes counted as the file stores them):
+
+    q8_0, q4_0          ggml Q8_0 / Q4_0 blocks, solved by GPTQ (solver.compress_q); K % 32 == 0
+    pbs2p-6:8 ... 4:8   PBS²P sparse-binary at N:8
+    binary              PBS²P dense binary (8:8, one term)
+    residual            PBS²P dense two-term residual binary (8:8, both terms refit)
+
+Two passes over the calibration windows. Pass 1 (measure) runs the full-precision model block by block: each
+linear's input Hessian H is accumulated on FP inputs and every candidate code is solved on it, giving the code's
+error E = W − Ŵ; its damage is the second-order estimate of the mean NLL increase,
+
+    D = ¼ Σ_r F_r (E H Eᵀ)_rr,   F_r = mean over calibration tokens of (∂ΣNLL/∂y_r)²
+
+(F: the empirical Fisher of the layer's output channels, one backward pass per window; "output" sets F = 1,
+"relative" uses tr(EHEᵀ)/tr(WHWᵀ), the ablations). allocate() then solves the multiple-choice knapsack (least
+ΣD under the byte budget) exactly by dynamic programming over the bytes spent.
+Pass 2 is the ordinary sequential export (exporter/driver.py) with each linear compressed by its planned code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pbs2p import format as fmt
+from pbs2p.format import spec
+
+from . import solver
+
+CODES = ("q8_0", "q4_0", "pbs2p-6:8", "pbs2p-5:8", "pbs2p-4:8", "binary", "residual")
+DEFAULT_CODES = ("q8_0", "q4_0", "pbs2p-6:8", "binary")
+SENSITIVITIES = ("fisher", "output", "relative")
+TOLERANCE = 0.01  # the plan's bpw lies in [B·(1 − TOLERANCE), B]
+
+
+def code_solver(code: str, base: solver.SolverConfig) -> solver.SolverConfig | None:
+    """The solver settings of a sparse-binary code (base's other knobs kept), None for q8_0 / q4_0."""
+    if code in solver.Q_CODES:
+        return None
+    if code == "binary":
+        return dataclasses.replace(base, method="pbs2p", n=8, m=8, residual=False)
+    if code == "residual":
+        return dataclasses.replace(base, method="pbs2p", n=8, m=8, residual=True, salient=False)
+    if code.startswith("pbs2p-"):
+        n, m = (int(x) for x in code[len("pbs2p-"):].split(":"))
+        return dataclasses.replace(base, method="pbs2p", n=n, m=m, residual=False)
+    raise ValueError(f"unknown code {code!r}")
+
+
+def code_bytes(code: str, n_out: int, n_in: int, base: solver.SolverConfig) -> int | None:
+    """Bytes the file spends on a (n_out, n_in) linear in `code`, or None when the code cannot hold it."""
+    if code in solver.Q_CODES:
+        if n_in % spec.Q8_0_BLOCK:
+            return None
+        per = spec.Q8_0_BYTES if code == "q8_0" else spec.Q4_0_BYTES
+        return n_out * (n_in // spec.Q8_0_BLOCK) * per
+    sc = code_solver(code, base)
+    if n_in % sc.m:
+        return None
+    t, w, nb = sc.n_terms, spec.n_words(n_in), spec.n_blocks(n_in, sc.block_size)
+    return n_out * (t * 2 * w * 8 + t * nb * 2 + nb * 2)
+
+
+def reachable(shapes: dict[str, tuple[int, int]], codes: tuple[str, ...], base: solver.SolverConfig
+              ) -> tuple[float, float]:
+    """(lowest, highest) storage bpw over the linears of `shapes` the codes can reach."""
+    lo = hi = n = 0
+    for pre, (r, k) in shapes.items():
+        b = [x for c in codes if (x := code_bytes(c, r, k, base)) is not None]
+        if not b:
+            raise ValueError(f"{pre} ({r}x{k}): none of the codes {', '.join(codes)} can hold it")
+        lo, hi, n = lo + min(b), hi + max(b), n + r * k
+    return 8.0 * lo / n, 8.0 * hi / n
+
+
+@dataclass
+class PlanEntry:
+    prefix: str
+    code: str
+    nbytes: int
+    damage: float
+    weights: int
+
+
+@dataclass
+class Plan:
+    target_bpw: float
+    sensitivity: str
+    codes: tuple[str, ...]
+    layers: list[PlanEntry] = field(default_factory=list)
+
+    @property
+    def bpw(self) -> float:
+        return 8.0 * sum(e.nbytes for e in self.layers) / max(sum(e.weights for e in self.layers), 1)
+
+    def code(self, prefix: str) -> str:
+        for e in self.layers:
+            if e.prefix == prefix:
+                return e.code
+        raise KeyError(prefix)
+
+    def to_json(self) -> str:
+        return json.dumps({"target_bpw": self.target_bpw, "bpw": round(self.bpw, 6), "sensitivity": self.sensitivity,
+                           "codes": list(self.codes),
+                           "layers": [[e.prefix, e.code, e.nbytes, e.damage, e.weights] for e in self.layers]},
+                          separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, s: str) -> "Plan":
+        d = json.loads(s)
+        return cls(float(d["target_bpw"]), str(d["sensitivity"]), tuple(d["codes"]),
+                   [PlanEntry(str(p), str(c), int(b), float(x), int(w)) for p, c, b, x, w in d["layers"]])
+
+    def table(self, per_layer: bool = True) -> str:
+        """What pbs2p-export prints and pbs2p-dump shows: the bytes per code and the damage per layer."""
+        by: dict[str, list[int]] = {}
+        for e in self.layers:
+            by.setdefault(e.code, [0, 0, 0])
+            by[e.code][0] += 1
+            by[e.code][1] += e.nbytes
+            by[e.code][2] += e.weights
+        lines = [f"plan: target {self.target_bpw:.3f} bpw, planned {self.bpw:.3f} bpw over the linears "
+                 f"(sensitivity {self.sensitivity}; codes {', '.join(self.codes)})"]
+        for c in sorted(by, key=lambda c: -by[c][1]):
+            n, b, w = by[c]
+            lines.append(f"  {c:<10} {n:>4} linears {w:>12,} weights {b:>12,} bytes ({8.0 * b / w:.3f} bpw)")
+        if per_layer:
+            lines.append("  " + " ".join(f"{e.prefix}={e.code}" for e in self.layers))
+        return "\n".join(lines)
+
+
+# --- allocation --------------------------------------------------------------------------------------------
+
+ALLOC_RESOLUTION = 20000  # the allocation counts bytes in units of budget / ALLOC_RESOLUTION (rounded up)
+
+
+def allocate(options: dict[str, list[tuple[str, int, float]]], budget: int) -> dict[str, str]:
+    """Least total damage with Σ bytes <= budget: options maps a layer to its (code, bytes, damage) choices.
+    The multiple-choice knapsack solved exactly by dynamic programming over the bytes spent, counted in units of
+    budget / ALLOC_RESOLUTION with every choice's bytes rounded up (so the plan never exceeds the budget, and is
+    optimal up to that rounding: at most one unit per layer). Raises ValueError when the cheapest plan exceeds it."""
+    import math
+
+    import numpy as np
+
+    cheapest = sum(min(b for _, b, _ in opts) for opts in options.values())
+    if cheapest > budget:
+        raise ValueError(f"the cheapest plan needs {cheapest} bytes > budget {budget}")
+    unit = max(1, math.ceil(budget / ALLOC_RESOLUTION))
+    cap = budget // unit
+    dp = np.full(cap + 1, np.inf)
+    dp[0] = 0.0
+    back = []
+    names = list(options)
+    for pre in names:
+        new = np.full(cap + 1, np.inf)
+        pick = np.full(cap + 1, -1, dtype=np.int16)
+        for j, (_, b, d) in enumerate(options[pre]):
+            c = math.ceil(b / unit)
+            if c > cap:
+                continue
+            cand = dp[:cap + 1 - c] + d
+            better = cand < new[c:]
+            new[c:][better] = cand[better]
+            pick[c:][better] = j
+        dp = new
+        back.append(pick)
+    s = int(np.argmin(dp))
+    if not np.isfinite(dp[s]):  # rounding up to units made the cheapest plan not fit
+        raise ValueError(f"the cheapest plan needs {cheapest} bytes, too close to the budget {budget}")
+    out = {}
+    for pre, pick in zip(reversed(names), reversed(back)):
+        j = int(pick[s])
+        out[pre] = options[pre][j][0]
+        s -= math.ceil(options[pre][j][1] / unit)
+    return {pre: out[pre] for pre in names}
+
+
+# --- measurement (pass 1) ----------------------------------------------------------------------------------
+
+def solve(code: str, W: torch.Tensor, H: torch.Tensor, base: solver.SolverConfig) -> tuple[Any, torch.Tensor, dict]:
+    """Compress one linear in `code`: (fmt.SbLinear or fmt.QLinear, its exact w_hat, stats)."""
+    if code in solver.Q_CODES:
+        r = solver.compress_q(W, H, code, base.percdamp)
+        return fmt.pack_q(r.gtype, r.d, r.q), r.w_hat, r.stats
+    sc = code_solver(code, base)
+    r = solver.compress_layer(W, H, sc)
+    return fmt.pack_sb(r.terms, r.alpha, r.mu, sc.block_size), r.w_hat, r.stats
+
+
+def damage(kind: str, W: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, F: torch.Tensor | None) -> float:
+    E = (W.float() - w_hat.to(W.device, torch.float32))
+    per_row = ((E @ H.to(E.device, torch.float32)) * E).double().sum(1)  # (E H Eᵀ)_rr
+    if kind == "fisher":
+        return float(0.25 * (F.to(per_row.device, torch.float64) * per_row).sum())
+    if kind == "output":
+        return float(0.25 * per_row.sum())
+    return solver.output_error(W.float(), E, H)
+
+
+def fisher(model: Any, fam: Any, windows: torch.Tensor, dev: torch.device, progress: bool = True
+           ) -> dict[str, torch.Tensor]:
+    """F per linear output channel: mean over the scored tokens of the squared gradient of the windows' summed
+    next-token NLL with respect to the linear's output (one forward + backward per window, weights frozen)."""
+    from tqdm.auto import tqdm
+
+    from . import arch
+
+    acc: dict[str, torch.Tensor] = {}
+    hooks = []
+    for li, layer in enumerate(arch.blocks(model, fam)):
+        for _, g, lin in arch.block_linears(layer, fam):
+            pre = f"blk.{li}.{g}"
+            acc[pre] = torch.zeros(lin.weight.shape[0], dtype=torch.float64, device=dev)
+
+            def grad_hook(gr: torch.Tensor, pre: str = pre) -> None:
+                acc[pre] += gr.detach().double().pow(2).reshape(-1, gr.shape[-1]).sum(0)
+
+            def fwd(mod: Any, inp: Any, out: torch.Tensor, grad_hook=grad_hook) -> None:
+                if out.requires_grad:
+                    out.register_hook(grad_hook)
+
+            hooks.append(lin.register_forward_hook(fwd))
+    emb = arch.get_module(model, fam.embed)
+    hooks.append(emb.register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_(True)))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    n_tok = 0
+    try:
+        with torch.enable_grad():
+            for i in tqdm(range(windows.shape[0]), desc="plan: fisher", disable=not progress, file=sys.stderr):
+                x = windows[i:i + 1].to(dev)
+                logits = model(x, use_cache=False).logits[0, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
+                loss.backward()
+                n_tok += x.shape[1] - 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, f in flags:
+            p.requires_grad_(f)
+    return {pre: (a / max(n_tok, 1)).float() for pre, a in acc.items()}
+
+
+@torch.no_grad()
+def measure(model: Any, fam: Any, windows: torch.Tensor, base: solver.SolverConfig, codes: tuple[str, ...],
+            sensitivity: str, dev: torch.device, progress: bool = True) -> dict[str, list[tuple[str, int, float]]]:
+    """Pass 1 on the full-precision model (left unchanged): {linear: [(code, bytes, damage)]}."""
+    from tqdm.auto import tqdm
+
+    from . import arch, driver
+
+    F = fisher(model, fam, windows, dev, progress) if sensitivity == "fisher" else {}
+    inps, kwargs = driver.capture_block0_inputs(model, fam, windows, dev)
+    layers = arch.blocks(model, fam)
+    options: dict[str, list[tuple[str, int, float]]] = {}
+    bar = tqdm(total=len(layers) * len(fam.linears), desc="plan: measure", unit="layer", disable=not progress,
+               file=sys.stderr)
+    for li, layer in enumerate(layers):
+        lins = arch.block_linears(layer, fam)
+        out, accs, owner = driver._run_block_hessians(layer, lins, inps, kwargs, dev)
+        for _, g, lin in lins:
+            pre = f"blk.{li}.{g}"
+            W = lin.weight.data.float().clone()
+            H = accs[owner[g]].H
+            opts = []
+            for code in codes:
+                nb = code_bytes(code, W.shape[0], W.shape[1], base)
+                if nb is None:
+                    continue
+                _, w_hat, _ = solve(code, W.clone(), H, base)
+                opts.append((code, nb, damage(sensitivity, W, w_hat, H, F.get(pre))))
+            options[pre] = opts
+            bar.update(1)
+        del accs
+        inps = out
+    bar.close()
+    return options
+
+
+def make_plan(model: Any, fam: Any, windows: torch.Tensor, cfg: Any, dev: torch.device) -> Plan:
+    """Pass 1 and the allocation for a QuantConfig with method "plan" (its bpw, codes, sensitivity, solver)."""
+    from . import arch
+    from .config import ExportError
+
+    options = measure(model, fam, windows, cfg.solver, cfg.codes, cfg.sensitivity, dev, cfg.progress)
+    weights = {}
+    for li, layer in enumerate(arch.blocks(model, fam)):
+        for _, g, lin in arch.block_linears(layer, fam):
+            weights[f"blk.{li}.{g}"] = lin.weight.numel()
+    total = sum(weights.values())
+    budget = int(cfg.bpw * total / 8.0)
+    picked = allocate(options, budget)
+    by = {pre: {c: (b, d) for c, b, d in opts} for pre, opts in options.items()}
+    plan = Plan(cfg.bpw, cfg.sensitivity, tuple(cfg.codes),
+                [PlanEntry(pre, c, by[pre][c][0], by[pre][c][1], weights[pre]) for pre, c in picked.items()])
+    if plan.bpw < cfg.bpw * (1 - TOLERANCE):
+        raise ExportError(f"--bpw {cfg.bpw}: these layers' sizes allow {plan.bpw:.3f} bpw at most under the budget "
+                          f"(more than {100 * TOLERANCE:.0f}% below it); choose another budget")
+    return plan

@@ -1,0 +1,219 @@
+"""The bits-per-weight budget planner (method plan, --bpw): its Q8_0 / Q4_0 GPTQ code, the allocation, the byte
+counts it plans with against the bytes the file holds, the plan in the file, and the refusals before any work.
+The C runtime on planned files (mixed Q8_0 / Q4_0 / sparse-binary linears) is checked in test_c_model.py."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pbs2p import format as fmt
+from pbs2p.exporter import cli, config, driver, planner, solver
+
+FAST = ["--nsamples", "3", "--seqlen", "24", "-q", "--no-checkpoint"]
+
+
+def _layer(r=48, k=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, k, generator=g) @ torch.randn(k, k, generator=g) * 0.2
+    return torch.randn(r, k, generator=g), 2 * x.T @ x / x.shape[0]
+
+
+def test_pack_q_writes_ggml_bytes():
+    """pack_q with ggml's own scales and integers reproduces gguf-py's Q8_0 / Q4_0 bytes exactly."""
+    x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32)
+    for gtype, quant, body in ((fmt.GGMLType.Q4_0, fmt.quantize_q4_0, 16), (fmt.GGMLType.Q8_0, fmt.quantize_q8_0, 32)):
+        raw = quant(x).reshape(5, 3, 2 + body)
+        d = raw[..., :2].copy().view(np.float16)[..., 0]
+        if gtype == fmt.GGMLType.Q4_0:
+            q = np.concatenate([raw[..., 2:] & 15, raw[..., 2:] >> 4], -1).reshape(5, 96)
+        else:
+            q = raw[..., 2:].view(np.int8).reshape(5, 96)
+        assert np.array_equal(fmt.pack_q(gtype, d, q).data, quant(x))
+
+
+@pytest.mark.parametrize("code", ["q4_0", "q8_0"])
+def test_compress_q_is_exact_and_beats_round_to_nearest(code):
+    W, H = _layer()
+    rtn = solver.compress_q(W, None, code)
+    res = solver.compress_q(W, H, code)
+    for r in (rtn, res):
+        ql = fmt.pack_q(r.gtype, r.d, r.q)
+        assert np.array_equal(ql.dequantize(), r.w_hat.numpy())  # the bytes hold exactly w_hat
+    err_rtn = solver.output_error(W, W - rtn.w_hat, H)
+    err = solver.output_error(W, W - res.w_hat, H)
+    assert err < 0.8 * err_rtn, (err, err_rtn)  # GPTQ's compensation lowers the output error
+    assert res.stats["err_out"] == pytest.approx(err)
+
+
+def test_compress_q_refuses_partial_blocks():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        solver.compress_q(torch.randn(4, 40), None, "q4_0")
+
+
+@pytest.mark.parametrize("code", planner.CODES)
+def test_code_bytes_is_what_the_file_stores(code):
+    """The byte count the planner budgets with equals the packed layer's (which the writer stores as is)."""
+    W, H = _layer(r=40, k=192)
+    base = solver.SolverConfig()
+    obj, w_hat, _ = planner.solve(code, W, H, base)
+    assert obj.nbytes() == planner.code_bytes(code, 40, 192, base)
+    back = fmt.dequantize_sb(obj) if isinstance(obj, fmt.SbLinear) else obj.dequantize()
+    assert np.array_equal(back, w_hat.numpy())
+    assert planner.code_bytes("q4_0", 40, 200, base) is None  # K % 32 != 0: no Q blocks
+
+
+def _total(options, picked):
+    by = {pre: {c: (b, d) for c, b, d in o} for pre, o in options.items()}
+    return sum(by[p][c][0] for p, c in picked.items()), sum(by[p][c][1] for p, c in picked.items())
+
+
+def test_allocate_meets_the_budget_and_is_optimal():
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        options = {}
+        for i in range(5):
+            size = int(rng.integers(50, 400))
+            d4, d8 = rng.uniform(0.5, 2), rng.uniform(0.01, 0.2)
+            options[f"l{i}"] = [("binary", size * 2, d4 * rng.uniform(5, 50)), ("q4_0", size * 4, d4),
+                                ("q8_0", size * 8, d8), ("residual", size * 4, d4 * rng.uniform(0.5, 3))]
+        lo = sum(min(b for _, b, _ in o) for o in options.values())
+        hi = sum(max(b for _, b, _ in o) for o in options.values())
+        budget = int(rng.integers(lo, hi + 1))
+        picked = planner.allocate(options, budget)
+        spent, dmg = _total(options, picked)
+        assert spent <= budget
+        best = min((d for combo in itertools.product(*[[(c, b, d) for c, b, d in o] for o in options.values()])
+                    if (b := sum(x[1] for x in combo)) <= budget for d in [sum(x[2] for x in combo)]))
+        assert dmg == pytest.approx(best, rel=1e-12), (trial, dmg, best)  # budget < 20000 bytes: unit 1, exact
+
+
+def test_allocate_extremes():
+    options = {"a": [("binary", 10, 5.0), ("q4_0", 20, 1.0), ("q8_0", 40, 0.1)],
+               "b": [("binary", 30, 9.0), ("q4_0", 60, 2.0), ("q8_0", 120, 0.2)]}
+    assert planner.allocate(options, 160) == {"a": "q8_0", "b": "q8_0"}
+    assert planner.allocate(options, 40) == {"a": "binary", "b": "binary"}
+    assert planner.allocate(options, 70) == {"a": "binary", "b": "q4_0"}  # (a greedy by ratio takes a: q8_0)
+    with pytest.raises(ValueError, match="cheapest plan"):
+        planner.allocate(options, 39)
+
+
+def test_dominated_codes_are_never_picked():
+    options = {"a": [("q4_0", 20, 1.0), ("residual", 20, 3.0), ("q8_0", 40, 2.0)]}
+    assert planner.allocate(options, 40) == {"a": "q4_0"}
+
+
+def run_main(capsys, argv):
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def test_plan_export_meets_budget_and_records_the_plan(capsys, tmp_path, tiny_model_factory):
+    src = tiny_model_factory("llama")
+    out = tmp_path / "m.bin"
+    rc, err = run_main(capsys, [str(src), "--out", str(out), "--bpw", "3.5", *FAST])
+    assert rc == 0, err
+    mf = fmt.ModelFile(out)
+    st = mf.storage()
+    assert 3.5 * (1 - planner.TOLERANCE) <= st["storage_bpw"] <= 3.5
+    assert mf.kv[fmt.KEY_METHOD] == "plan"
+    plan = planner.Plan.from_json(mf.kv[fmt.KEY_PLAN])
+    assert plan.target_bpw == 3.5 and plan.codes == planner.DEFAULT_CODES
+    assert plan.bpw == pytest.approx(st["storage_bpw"])
+    types = {fmt.GGMLType.Q8_0: "q8_0", fmt.GGMLType.Q4_0: "q4_0"}
+    for e in plan.layers:  # each linear is stored in its planned code, in the planned bytes
+        if mf.is_sb(e.prefix):
+            sb = mf.sb(e.prefix)
+            assert e.code.startswith("pbs2p-") or e.code == "binary"
+            assert sb.nbytes() == e.nbytes
+        else:
+            t = mf.tensors[e.prefix + fmt.SUFFIX_WEIGHT]
+            assert types[int(t.tensor_type)] == e.code and int(t.n_bytes) == e.nbytes
+    assert len({e.code for e in plan.layers}) >= 2, "3.5 bpw lies between the codes: the plan must mix them"
+    assert "plan: target 3.500 bpw" in err
+    from pbs2p import dump
+
+    import io
+    buf = io.StringIO()
+    dump.dump(str(out), buf)
+    text = buf.getvalue()
+    assert "plan (pbs2p.plan):" in text and "target 3.500 bpw" in text and "file holds" not in text
+    assert f"{plan.layers[0].prefix:<22} {plan.layers[0].code:<10}" in text
+
+
+def test_plan_fake_quant_equals_the_file(tmp_path, tiny_model_factory):
+    """The exporter's fake-quant model holds exactly the file's weights (Q blocks dequantized by gguf-py)."""
+    from pbs2p.exporter import fakequant
+
+    cfg = config.QuantConfig(method="plan", bpw=4.0, nsamples=3, seqlen=24, progress=False)
+    res = driver.quantize(str(tiny_model_factory("qwen2")), cfg)
+    res.save(tmp_path / "m.bin")
+    ref = fakequant.load_fakequant(tmp_path / "m.bin")
+    a = dict(res.model.named_parameters())
+    for name, p in ref.named_parameters():
+        assert torch.equal(p, a[name].detach()), name
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--bpw", "3", "--method", "pbs2p"], "--bpw is the budget planner's"),
+    (["--method", "plan"], "needs a budget"),
+    (["--bpw", "3", "--codes", "q4_0,q3_k"], "choose from"),
+    (["--bpw", "3", "--coarse"], "--coarse"),
+    (["--bpw", "-1"], "positive"),
+    (["--bpw", "1.0"], "out of reach"),
+    (["--bpw", "9"], "out of reach"),
+])
+def test_refusals_before_any_work(capsys, tmp_path, tiny_model_factory, monkeypatch, argv, msg):
+    def boom(*a, **k):
+        raise AssertionError("calibration started")
+
+    from pbs2p.exporter import calib
+
+    monkeypatch.setattr(calib, "get_windows", boom)
+    out = tmp_path / "m.bin"
+    rc, err = run_main(capsys, [str(tiny_model_factory("llama")), "--out", str(out), *argv, *FAST])
+    assert rc != 0 and msg in err, err
+    assert "error" in err.lower()
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    if "out of reach" in msg:  # the message names the reachable range
+        lo, hi = planner.reachable({"x": (96, 96)}, planner.DEFAULT_CODES, solver.SolverConfig())
+        assert "to 8.500 bits per weight" in err
+
+
+def test_plan_resume_gives_identical_bytes(capsys, tmp_path, tiny_model_factory, monkeypatch):
+    """An interrupted planned export continues from its checkpoint (plan and Q8_0 / Q4_0 blocks included) and
+    writes the bytes of an uninterrupted one."""
+    src = str(tiny_model_factory("llama", num_hidden_layers=3))
+    args = ["--bpw", "4", "--nsamples", "3", "--seqlen", "24", "-q"]
+    ref = tmp_path / "ref.bin"
+    assert run_main(capsys, [src, "--out", str(ref), *args])[0] == 0
+    real = solver.compress_q
+    calls = {"n": 0, "stop": None}
+
+    def wrapped(*a, **k):
+        calls["n"] += 1
+        if calls["stop"] is not None and calls["n"] == calls["stop"]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(solver, "compress_q", wrapped)
+    assert run_main(capsys, [src, "--out", str(tmp_path / "count.bin"), *args])[0] == 0
+    n_measure_and_export = calls["n"]
+    n_q_in_plan = sum(1 for e in planner.Plan.from_json(fmt.ModelFile(ref).kv[fmt.KEY_PLAN]).layers
+                      if e.code.startswith("q"))
+    calls.update(n=0, stop=n_measure_and_export - n_q_in_plan // 2)  # inside pass 2, past block 0
+    out = tmp_path / "m.bin"
+    rc, err = run_main(capsys, [src, "--out", str(out), *args])
+    assert rc != 0 and not out.exists()
+    meta = json.loads((tmp_path / "m.bin.ckpt" / "meta.json").read_text())
+    assert meta["plan"] and meta["done"] >= 1
+    calls["stop"] = None
+    rc, err = run_main(capsys, [src, "--out", str(out), *args, "--resume"])
+    assert rc == 0, err
+    assert out.read_bytes() == ref.read_bytes()
