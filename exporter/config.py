@@ -3,6 +3,7 @@ as a SolverConfig, calibration, embeddings, device), parsed and checked once, be
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from pbs2p.format import spec
@@ -99,7 +100,7 @@ class QuantConfig:
             bpw = float(self.bpw)
         except (TypeError, ValueError):
             raise ExportError(f"--bpw {self.bpw!r}: a number of bits per weight") from None
-        if not bpw > 0 or bpw != bpw or bpw == float("inf"):
+        if not (math.isfinite(bpw) and bpw > 0):
             raise ExportError(f"--bpw {self.bpw}: must be a positive number")
         object.__setattr__(self, "bpw", bpw)
         codes = (self.codes,) if isinstance(self.codes, str) else tuple(self.codes)

@@ -274,7 +274,7 @@ def compress(loaded: Any, cfg: QuantConfig, windows: torch.Tensor | None, calibr
                 if sb is None or (sb.n_out, sb.n_in) != tuple(lin.weight.shape) or \
                         (isinstance(sb, fmt.SbLinear) and sb.block_size != cfg.block_size):
                     raise ExportError(f"--resume: checkpoint block {li} lacks a matching {gname}")
-                w_hat = fmt.dequantize_sb(sb) if isinstance(sb, fmt.SbLinear) else sb.dequantize()
+                w_hat = sb.dequantize()
                 lin.weight.data.copy_(torch.from_numpy(w_hat).to(lin.weight.device))
                 linears[f"blk.{li}.{gname}"] = sb
         records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in ckpt.meta["records"]]
@@ -313,10 +313,9 @@ def compress(loaded: Any, cfg: QuantConfig, windows: torch.Tensor | None, calibr
             W = lin.weight.data.float().clone()
             pre = f"blk.{li}.{gname}"
             code = plan.code(pre) if plan else ""
-            obj, w_hat, stats = planner.solve(code, W, accs[owner[gname]].H, scfg) if code else \
-                _solve_sb(W, accs[owner[gname]].H, scfg)
+            obj, w_hat, stats = planner.solve(code, W, accs[owner[gname]].H, scfg)
             w_hat = w_hat.to(device=W.device, dtype=torch.float32)
-            back = fmt.dequantize_sb(obj) if isinstance(obj, fmt.SbLinear) else obj.dequantize()
+            back = obj.dequantize()
             if not np.array_equal(back, w_hat.cpu().numpy()):  # the packed bytes hold exactly Ŵ
                 raise RuntimeError(f"{pre}: the packed layer does not dequantize to the solver's w_hat")
             lin.weight.data.copy_(w_hat)
@@ -339,11 +338,6 @@ def compress(loaded: Any, cfg: QuantConfig, windows: torch.Tensor | None, calibr
     if not cfg.nm:
         nm_n = [0] * nl
     return Result(loaded, fam, cfg, linears, nm_n, records, block_err, calibration, time.time() - t0, ckpt, plan)
-
-
-def _solve_sb(W: torch.Tensor, H: torch.Tensor, scfg: solver.SolverConfig) -> tuple[fmt.SbLinear, torch.Tensor, dict]:
-    res = solver.compress_layer(W, H, scfg)
-    return fmt.pack_sb(res.terms, res.alpha, res.mu, scfg.block_size), res.w_hat, res.stats
 
 
 def _open_checkpoint(cfg: QuantConfig, resume: bool, force: bool) -> tuple[Any, bool]:

@@ -48,9 +48,7 @@ def save_hf(path: str | os.PathLike[str], out: str | os.PathLike[str], tokenizer
               "weights_dtype": "float32", "activations": "float (the C runtime quantizes them to int8 per block)",
               **storage}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else "."))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the renamed folder gets the usual permissions
+    fmt.chmod_umask(tmp, 0o777)  # mkdtemp makes it 0700; the renamed folder gets the usual permissions
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

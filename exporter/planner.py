@@ -23,15 +23,14 @@ Pass 2 is the ordinary sequential export (exporter/driver.py) with each linear c
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from pbs2p import format as fmt
 from pbs2p.format import spec
+from pbs2p.format.plan import Plan, PlanEntry  # noqa: F401 - the planner's result types
 
 from . import solver
 
@@ -60,8 +59,7 @@ def code_bytes(code: str, n_out: int, n_in: int, base: solver.SolverConfig) -> i
     if code in solver.Q_CODES:
         if n_in % spec.Q8_0_BLOCK:
             return None
-        per = spec.Q8_0_BYTES if code == "q8_0" else spec.Q4_0_BYTES
-        return n_out * (n_in // spec.Q8_0_BLOCK) * per
+        return n_out * (n_in // spec.Q8_0_BLOCK) * fmt.QTYPE_BYTES[solver.Q_CODES[code]]
     sc = code_solver(code, base)
     if n_in % sc.m:
         return None
@@ -79,62 +77,6 @@ def reachable(shapes: dict[str, tuple[int, int]], codes: tuple[str, ...], base: 
             raise ValueError(f"{pre} ({r}x{k}): none of the codes {', '.join(codes)} can hold it")
         lo, hi, n = lo + min(b), hi + max(b), n + r * k
     return 8.0 * lo / n, 8.0 * hi / n
-
-
-@dataclass
-class PlanEntry:
-    prefix: str
-    code: str
-    nbytes: int
-    damage: float
-    weights: int
-
-
-@dataclass
-class Plan:
-    target_bpw: float
-    sensitivity: str
-    codes: tuple[str, ...]
-    layers: list[PlanEntry] = field(default_factory=list)
-
-    @property
-    def bpw(self) -> float:
-        return 8.0 * sum(e.nbytes for e in self.layers) / max(sum(e.weights for e in self.layers), 1)
-
-    def code(self, prefix: str) -> str:
-        for e in self.layers:
-            if e.prefix == prefix:
-                return e.code
-        raise KeyError(prefix)
-
-    def to_json(self) -> str:
-        return json.dumps({"target_bpw": self.target_bpw, "bpw": round(self.bpw, 6), "sensitivity": self.sensitivity,
-                           "codes": list(self.codes),
-                           "layers": [[e.prefix, e.code, e.nbytes, e.damage, e.weights] for e in self.layers]},
-                          separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, s: str) -> "Plan":
-        d = json.loads(s)
-        return cls(float(d["target_bpw"]), str(d["sensitivity"]), tuple(d["codes"]),
-                   [PlanEntry(str(p), str(c), int(b), float(x), int(w)) for p, c, b, x, w in d["layers"]])
-
-    def table(self, per_layer: bool = True) -> str:
-        """What pbs2p-export prints and pbs2p-dump shows: the bytes per code and the damage per layer."""
-        by: dict[str, list[int]] = {}
-        for e in self.layers:
-            by.setdefault(e.code, [0, 0, 0])
-            by[e.code][0] += 1
-            by[e.code][1] += e.nbytes
-            by[e.code][2] += e.weights
-        lines = [f"plan: target {self.target_bpw:.3f} bpw, planned {self.bpw:.3f} bpw over the linears "
-                 f"(sensitivity {self.sensitivity}; codes {', '.join(self.codes)})"]
-        for c in sorted(by, key=lambda c: -by[c][1]):
-            n, b, w = by[c]
-            lines.append(f"  {c:<10} {n:>4} linears {w:>12,} weights {b:>12,} bytes ({8.0 * b / w:.3f} bpw)")
-        if per_layer:
-            lines.append("  " + " ".join(f"{e.prefix}={e.code}" for e in self.layers))
-        return "\n".join(lines)
 
 
 # --- allocation --------------------------------------------------------------------------------------------
@@ -187,11 +129,12 @@ def allocate(options: dict[str, list[tuple[str, int, float]]], budget: int) -> d
 # --- measurement (pass 1) ----------------------------------------------------------------------------------
 
 def solve(code: str, W: torch.Tensor, H: torch.Tensor, base: solver.SolverConfig) -> tuple[Any, torch.Tensor, dict]:
-    """Compress one linear in `code`: (fmt.SbLinear or fmt.QLinear, its exact w_hat, stats)."""
+    """Compress one linear in `code` ("" = base's own sparse-binary settings): (fmt.SbLinear or fmt.QLinear, its
+    exact w_hat, stats)."""
     if code in solver.Q_CODES:
         r = solver.compress_q(W, H, code, base.percdamp)
         return fmt.pack_q(r.gtype, r.d, r.q), r.w_hat, r.stats
-    sc = code_solver(code, base)
+    sc = code_solver(code, base) if code else base
     r = solver.compress_layer(W, H, sc)
     return fmt.pack_sb(r.terms, r.alpha, r.mu, sc.block_size), r.w_hat, r.stats
 

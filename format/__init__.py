@@ -5,21 +5,24 @@
     encoding  the sparse-binary encoding: SbLinear, pack_sb / unpack_sb, sb_value (THE definition of Ŵ)
     quants    Q8_0 / Q4_0 through gguf-py (ggml's reference bytes), QLinear / pack_q (solved Q8_0 / Q4_0 linears),
               the runtime's activation quantizer
+    plan      Plan / PlanEntry: the budget planner's plan (pbs2p.plan JSON)
     writer    ModelWriter: crash-safe writing through gguf.GGUFWriter
     reader    ModelFile: reading through gguf.GGUFReader
 
 Every public name of those modules is re-exported here: `from pbs2p import format as fmt; fmt.pack_sb(...)`.
 """
 from .encoding import SbLinear, dequantize_sb, kept_fraction, pack_sb, param_bits, sb_value, unpack_sb
-from .quants import (QLinear, dequantize_q4_0, dequantize_q8_0, pack_q, quantize_act, quantize_q4_0, quantize_q8_0,
-                     round_half_away)
+from .plan import Plan, PlanEntry
+from .quants import (QTYPE_BYTES, QTYPE_RANGE, QLinear, dequantize_q4_0, dequantize_q8_0, pack_q, quantize_act,
+                     quantize_q4_0, quantize_q8_0, round_half_away)
 from .reader import ModelFile, field_value
 from .spec import *  # noqa: F401,F403 - the spec's constants are the package's
 from .spec import __all__ as _spec_all
-from .writer import ModelWriter
+from .writer import ModelWriter, chmod_umask
 
 __all__ = list(_spec_all) + [
     "SbLinear", "dequantize_sb", "kept_fraction", "pack_sb", "param_bits", "sb_value", "unpack_sb",
-    "QLinear", "pack_q", "dequantize_q4_0", "dequantize_q8_0", "quantize_act", "quantize_q4_0", "quantize_q8_0", "round_half_away",
-    "ModelFile", "field_value", "ModelWriter",
+    "QTYPE_BYTES", "QTYPE_RANGE", "QLinear", "pack_q", "dequantize_q4_0", "dequantize_q8_0", "quantize_act",
+    "quantize_q4_0", "quantize_q8_0", "round_half_away",
+    "Plan", "PlanEntry", "ModelFile", "field_value", "ModelWriter", "chmod_umask",
 ]

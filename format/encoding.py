@@ -30,6 +30,10 @@ class SbLinear:
     def nbytes(self) -> int:
         return int(self.planes.nbytes + self.alpha.nbytes + self.mu.nbytes)
 
+    def dequantize(self) -> np.ndarray:
+        """Ŵ, float32 (R, K): dequantize_sb(self) (QLinear.dequantize is its dense counterpart)."""
+        return dequantize_sb(self)
+
     def storage_bpw(self) -> float:
         """Every byte the file spends on this layer (planes + scales), ×8, ÷ its weight count."""
         return 8.0 * self.nbytes() / (self.n_out * self.n_in)

@@ -14,6 +14,14 @@ from .spec import (ALIGNMENT, FORMAT_VERSION, KEY_ALIGNMENT, KEY_FORMAT_VERSION,
                    SUFFIX_PLANES, GGMLType, arch_name)
 
 
+def chmod_umask(path: str | os.PathLike[str], mode: int) -> None:
+    """Give a file (mode 0o666) or folder (0o777) made by mkstemp / mkdtemp the permissions open() / mkdir() would:
+    mode less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 class ModelWriter:
     """Writes a pbs2p model file through gguf.GGUFWriter, crash-safe: everything goes to a temporary file in
     the destination folder, which is renamed over `path` only after the last byte is written and fsynced. On
@@ -33,9 +41,7 @@ class ModelWriter:
             raise FileNotFoundError(f"output folder {parent} does not exist")
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the renamed file gets the usual permissions
+        chmod_umask(tmp, 0o666)  # mkstemp makes it 0600; the renamed file gets the usual permissions
         self._tmp = Path(tmp)
         self.arch = arch_name(family)
         self._w = gguf.GGUFWriter(str(self._tmp), self.arch)

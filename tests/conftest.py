@@ -72,6 +72,17 @@ def smollm2_gguf() -> Path | None:
     return p if p.is_file() else None
 
 
+def run_export_cli(capsys, argv: list[str]) -> tuple[int, str]:
+    """pbs2p-export's main(argv) in-process: (exit code, argparse usage errors included; its stderr)."""
+    from pbs2p.exporter import cli
+
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse usage errors
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
 def make_tiny_tokenizer(vocab_size: int = 320):
     """A deterministic byte-level BPE (GPT-2 style) with ChatML special tokens, as a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

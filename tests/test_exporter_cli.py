@@ -12,17 +12,9 @@ import gguf
 
 from pbs2p.exporter import cli  # noqa: E402
 from pbs2p.exporter import eval as evaluation  # noqa: E402
+from conftest import run_export_cli  # noqa: E402
 
 FAST = ["--nsamples", "2", "--seqlen", "16", "-q"]
-
-
-def run_main(capsys, argv):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse usage errors
-        rc = e.code
-    err = capsys.readouterr().err
-    return rc, err
 
 
 def error_lines(err: str) -> list[str]:
@@ -33,7 +25,7 @@ def error_lines(err: str) -> list[str]:
                                      ("-2:8", "N must be in [1, M = 8]"), ("x", "expected N:M")])
 def test_bad_nm(capsys, tmp_path, tiny_model_factory, nm, msg):
     out = tmp_path / "m.bin"
-    rc, err = run_main(capsys, [str(tiny_model_factory("llama")), "--out", str(out), f"--nm={nm}", *FAST])
+    rc, err = run_export_cli(capsys, [str(tiny_model_factory("llama")), "--out", str(out), f"--nm={nm}", *FAST])
     assert rc != 0
     lines = error_lines(err)
     assert len(lines) == 1 and msg in lines[0]
@@ -42,10 +34,10 @@ def test_bad_nm(capsys, tmp_path, tiny_model_factory, nm, msg):
 
 def test_missing_model(capsys, tmp_path):
     out = tmp_path / "m.bin"
-    rc, err = run_main(capsys, [str(tmp_path / "nope"), "--out", str(out), *FAST])
+    rc, err = run_export_cli(capsys, [str(tmp_path / "nope"), "--out", str(out), *FAST])
     assert rc != 0 and "no such file" in err and not out.exists()
     (tmp_path / "empty").mkdir()
-    rc, err = run_main(capsys, [str(tmp_path / "empty"), "--out", str(out), *FAST])
+    rc, err = run_export_cli(capsys, [str(tmp_path / "empty"), "--out", str(out), *FAST])
     assert rc != 0 and "config.json" in err and not out.exists()
 
 
@@ -57,7 +49,7 @@ def test_unsupported_architecture(capsys, tmp_path, tiny_tokenizer):
                                                           n_positions=64)).save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     out = tmp_path / "m.bin"
-    rc, err = run_main(capsys, [str(d), "--out", str(out), *FAST])
+    rc, err = run_export_cli(capsys, [str(d), "--out", str(out), *FAST])
     assert rc != 0
     lines = error_lines(err)
     assert len(lines) == 1 and "GPT2LMHeadModel" in lines[0] and "LlamaForCausalLM" in lines[0]
@@ -66,22 +58,22 @@ def test_unsupported_architecture(capsys, tmp_path, tiny_tokenizer):
 
 def test_out_problems(capsys, tmp_path, tiny_model_factory):
     d = str(tiny_model_factory("llama"))
-    rc, err = run_main(capsys, [d, "--out", str(tmp_path / "no" / "dir" / "m.bin"), *FAST])
+    rc, err = run_export_cli(capsys, [d, "--out", str(tmp_path / "no" / "dir" / "m.bin"), *FAST])
     assert rc != 0 and "does not exist" in err
     existing = tmp_path / "e.bin"
     existing.write_bytes(b"keep")
-    rc, err = run_main(capsys, [d, "--out", str(existing), *FAST])
+    rc, err = run_export_cli(capsys, [d, "--out", str(existing), *FAST])
     assert rc != 0 and "--force" in err and existing.read_bytes() == b"keep"
-    rc, err = run_main(capsys, [d, "--out", str(tmp_path), *FAST])
+    rc, err = run_export_cli(capsys, [d, "--out", str(tmp_path), *FAST])
     assert rc != 0 and "folder" in err
     if os.geteuid() != 0:  # root can write anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
-        rc, err = run_main(capsys, [d, "--out", str(ro / "m.bin"), *FAST])
+        rc, err = run_export_cli(capsys, [d, "--out", str(ro / "m.bin"), *FAST])
         ro.chmod(0o700)
         assert rc != 0 and "not writable" in err
-    rc, err = run_main(capsys, [d, "--out", str(existing), "--force", "--method", "fp16", "-q"])
+    rc, err = run_export_cli(capsys, [d, "--out", str(existing), "--force", "--method", "fp16", "-q"])
     assert rc == 0 and existing.read_bytes()[:4] == b"GGUF"
 
 
@@ -91,7 +83,7 @@ def test_other_bad_options(capsys, tmp_path, tiny_model_factory):
     for extra, msg in ((["--steps", "x"], "--steps"), (["--block-size", "100"], "multiple of 64"),
                        (["--calib", str(tmp_path / "none.txt")], "no such file"), (["--nsamples", "0"], "nsamples"),
                        (["--device", "tpu"], "--device"), (["--salient", "--residual"], "choose one")):
-        rc, err = run_main(capsys, [d, "--out", str(out), *FAST, *extra])
+        rc, err = run_export_cli(capsys, [d, "--out", str(out), *FAST, *extra])
         assert rc != 0 and msg in err, (extra, err)
         assert not out.exists()
 

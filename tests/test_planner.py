@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pbs2p import format as fmt
-from pbs2p.exporter import cli, config, driver, planner, solver
+from pbs2p.exporter import config, driver, planner, solver
+from conftest import run_export_cli  # noqa: E402
 
 FAST = ["--nsamples", "3", "--seqlen", "24", "-q", "--no-checkpoint"]
 
@@ -61,7 +62,7 @@ def test_code_bytes_is_what_the_file_stores(code):
     base = solver.SolverConfig()
     obj, w_hat, _ = planner.solve(code, W, H, base)
     assert obj.nbytes() == planner.code_bytes(code, 40, 192, base)
-    back = fmt.dequantize_sb(obj) if isinstance(obj, fmt.SbLinear) else obj.dequantize()
+    back = obj.dequantize()
     assert np.array_equal(back, w_hat.numpy())
     assert planner.code_bytes("q4_0", 40, 200, base) is None  # K % 32 != 0: no Q blocks
 
@@ -106,18 +107,10 @@ def test_dominated_codes_are_never_picked():
     assert planner.allocate(options, 40) == {"a": "q4_0"}
 
 
-def run_main(capsys, argv):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
-
-
 def test_plan_export_meets_budget_and_records_the_plan(capsys, tmp_path, tiny_model_factory):
     src = tiny_model_factory("llama")
     out = tmp_path / "m.bin"
-    rc, err = run_main(capsys, [str(src), "--out", str(out), "--bpw", "3.5", *FAST])
+    rc, err = run_export_cli(capsys, [str(src), "--out", str(out), "--bpw", "3.5", *FAST])
     assert rc == 0, err
     mf = fmt.ModelFile(out)
     st = mf.storage()
@@ -177,7 +170,7 @@ def test_refusals_before_any_work(capsys, tmp_path, tiny_model_factory, monkeypa
 
     monkeypatch.setattr(calib, "get_windows", boom)
     out = tmp_path / "m.bin"
-    rc, err = run_main(capsys, [str(tiny_model_factory("llama")), "--out", str(out), *argv, *FAST])
+    rc, err = run_export_cli(capsys, [str(tiny_model_factory("llama")), "--out", str(out), *argv, *FAST])
     assert rc != 0 and msg in err, err
     assert "error" in err.lower()
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -191,7 +184,7 @@ def test_plan_resume_gives_identical_bytes(capsys, tmp_path, tiny_model_factory,
     src = str(tiny_model_factory("llama", num_hidden_layers=3))
     args = ["--bpw", "4", "--nsamples", "3", "--seqlen", "24", "-q"]
     ref = tmp_path / "ref.bin"
-    assert run_main(capsys, [src, "--out", str(ref), *args])[0] == 0
+    assert run_export_cli(capsys, [src, "--out", str(ref), *args])[0] == 0
     real = solver.compress_q
     calls = {"n": 0, "stop": None}
 
@@ -202,17 +195,17 @@ def test_plan_resume_gives_identical_bytes(capsys, tmp_path, tiny_model_factory,
         return real(*a, **k)
 
     monkeypatch.setattr(solver, "compress_q", wrapped)
-    assert run_main(capsys, [src, "--out", str(tmp_path / "count.bin"), *args])[0] == 0
+    assert run_export_cli(capsys, [src, "--out", str(tmp_path / "count.bin"), *args])[0] == 0
     n_measure_and_export = calls["n"]
     n_q_in_plan = sum(1 for e in planner.Plan.from_json(fmt.ModelFile(ref).kv[fmt.KEY_PLAN]).layers
                       if e.code.startswith("q"))
     calls.update(n=0, stop=n_measure_and_export - n_q_in_plan // 2)  # inside pass 2, past block 0
     out = tmp_path / "m.bin"
-    rc, err = run_main(capsys, [src, "--out", str(out), *args])
+    rc, err = run_export_cli(capsys, [src, "--out", str(out), *args])
     assert rc != 0 and not out.exists()
     meta = json.loads((tmp_path / "m.bin.ckpt" / "meta.json").read_text())
     assert meta["plan"] and meta["done"] >= 1
     calls["stop"] = None
-    rc, err = run_main(capsys, [src, "--out", str(out), *args, "--resume"])
+    rc, err = run_export_cli(capsys, [src, "--out", str(out), *args, "--resume"])
     assert rc == 0, err
     assert out.read_bytes() == ref.read_bytes()

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .format import KEY_NM_M, KEY_PLAN, SUFFIX_WEIGHT, GGMLType, ModelFile, field_value, n_words
+from .format import KEY_NM_M, KEY_PLAN, SUFFIX_WEIGHT, GGMLType, ModelFile, Plan, field_value, n_words
 # parameter bits per weight of a dense linear, as the runtime counts them (model.c)
 _DENSE_BITS = {GGMLType.F32: 32.0, GGMLType.F16: 16.0, GGMLType.Q8_0: 8.0, GGMLType.Q4_0: 4.0}
 
@@ -98,26 +98,18 @@ def linear_stats(mf: ModelFile) -> list[LinearStats]:
 def plan_lines(text: Any, file_bytes: dict[str, int]) -> list[str]:
     """The budget planner's plan (pbs2p.plan, JSON) as dump lines: target and planned bpw, bytes per code, and
     per linear its code, bytes and estimated damage; a plan entry whose bytes differ from the file's is flagged."""
-    import json
-
     out = ["\nplan (" + KEY_PLAN + "):"]
     try:
-        d = json.loads(text)
-        layers = [(str(a), str(c), int(b), float(x), int(w)) for a, c, b, x, w in d["layers"]]
-        target, planned, sens = float(d["target_bpw"]), float(d["bpw"]), str(d["sensitivity"])
+        plan = Plan.from_json(text)
     except (TypeError, ValueError, KeyError) as e:
         return out + [f"  unreadable plan ({type(e).__name__}: {e})"]
-    out.append(f"  target {target:.3f} bpw, planned {planned:.3f} bpw, sensitivity {sens}")
-    by: dict[str, list[int]] = {}
-    for _, c, b, _, w in layers:
-        by.setdefault(c, [0, 0, 0])
-        by[c] = [by[c][0] + 1, by[c][1] + b, by[c][2] + w]
-    for c, (n, b, w) in sorted(by.items(), key=lambda kv: -kv[1][1]):
+    out.append(f"  target {plan.target_bpw:.3f} bpw, planned {plan.bpw:.3f} bpw, sensitivity {plan.sensitivity}")
+    for c, (n, b, w) in plan.by_code().items():
         out.append(f"  {c:<10} {n:>4} linears {b:>12} bytes {8.0 * b / max(w, 1):>7.3f} bpw")
     out.append(f"  {'layer':<22} {'code':<10} {'bytes':>10} {'damage':>11}")
-    for a, c, b, x, _ in layers:
-        flag = "" if file_bytes.get(a) == b else f"  (file holds {file_bytes.get(a)} bytes)"
-        out.append(f"  {a:<22} {c:<10} {b:>10} {x:>11.4g}{flag}")
+    for e in plan.layers:
+        flag = "" if file_bytes.get(e.prefix) == e.nbytes else f"  (file holds {file_bytes.get(e.prefix)} bytes)"
+        out.append(f"  {e.prefix:<22} {e.code:<10} {e.nbytes:>10} {e.damage:>11.4g}{flag}")
     return out
 
 
