@@ -159,7 +159,7 @@ class Checkpoint:
                     elif key.endswith(".qshape"):
                         g = key[: -len(".qshape")]
                         r, k, t = (int(x) for x in z[key])
-                        ql = fmt.QLinear(fmt.GGMLType(t), r, k, z[f"{g}.qdata"])
+                        ql = fmt.QLinear(fmt.QType(t), r, k, z[f"{g}.qdata"])
                         ql.validate()
                         out[g] = ql
             return out

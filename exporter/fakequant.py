@@ -73,7 +73,7 @@ def _set_child(root: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
 def enable_act_quant(model: Any, block_size: int, only: set[str] | None = None,
                      q_blocks: set[str] = frozenset()) -> Any:
     """Wrap the linears of every block (or only the GGUF prefixes in `only`, e.g. the sparse-binary ones) with
-    the sparse-binary input quantizer (blocks of block_size); the prefixes in q_blocks (Q8_0 / Q4_0 linears) with
+    the sparse-binary input quantizer (blocks of block_size); the prefixes in q_blocks (Q8_0 / Q4_0 / Q3 linears) with
     the runtime's Q8_0 input quantizer (blocks of 32, the same rule)."""
     fam = arch.family_of(model.config)
     for li, layer in enumerate(arch.blocks(model, fam)):
@@ -100,10 +100,15 @@ def from_export(comp: Any, act_quant: bool = False) -> Any:
 
 
 def read_file_weights(f: fmt.ModelFile) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-    """-> (metadata without tokenizer arrays, dense tensors as float32, sparse-binary linears by prefix)."""
-    sbs = {pre: f.sb(pre) for pre in f.linear_prefixes() if f.is_sb(pre)}
-    sb_tensors = {pre + sfx for pre in sbs for sfx in (fmt.SUFFIX_PLANES, fmt.SUFFIX_ALPHA, fmt.SUFFIX_MU)}
-    dense = {name: f.dense(name) for name in f.tensors if name not in sb_tensors}
+    """-> (metadata without tokenizer arrays, dense tensors as float32, sparse-binary linears (SbLinear) and Q3
+    linears (QLinear) by prefix)."""
+    sbs: dict[str, Any] = {pre: f.sb(pre) for pre in f.linear_prefixes() if f.is_sb(pre)}
+    coded = {pre + sfx for pre in sbs for sfx in (fmt.SUFFIX_PLANES, fmt.SUFFIX_ALPHA, fmt.SUFFIX_MU)}
+    for pre in f.linear_prefixes():
+        if f.is_q3(pre):
+            sbs[pre] = f.q3(pre)
+            coded.add(pre + fmt.SUFFIX_Q3)
+    dense = {name: f.dense(name) for name in f.tensors if name not in coded}
     return f.kv, dense, sbs
 
 
@@ -144,7 +149,7 @@ def load_fakequant(path: str | Path, act_quant: bool = False, device: str = "cpu
         for p_, g, lin in arch.block_linears(layer, fam):
             pre = f"blk.{li}.{g}"
             if pre in sbs:
-                put(lin.weight, fmt.dequantize_sb(sbs[pre]), pre)
+                put(lin.weight, sbs[pre].dequantize(), pre)
             else:
                 put(lin.weight, dense[pre + fmt.SUFFIX_WEIGHT], pre + fmt.SUFFIX_WEIGHT)
             if lin.bias is not None:
@@ -157,9 +162,10 @@ def load_fakequant(path: str | Path, act_quant: bool = False, device: str = "cpu
     if tied:
         model.tie_weights()
     if act_quant:
-        q = {pre for pre in mf.linear_prefixes() if pre not in sbs and
-             mf.tensor_type(pre + fmt.SUFFIX_WEIGHT) in (fmt.GGMLType.Q8_0, fmt.GGMLType.Q4_0)}
-        enable_act_quant(model, int(kv.get(fmt.KEY_BLOCK_SIZE, fmt.DEFAULT_BLOCK_SIZE)), set(sbs), q)
+        sb = {pre for pre, v in sbs.items() if isinstance(v, fmt.SbLinear)}
+        q = {pre for pre in mf.linear_prefixes() if pre not in sb and
+             (pre in sbs or mf.tensor_type(pre + fmt.SUFFIX_WEIGHT) in (fmt.GGMLType.Q8_0, fmt.GGMLType.Q4_0))}
+        enable_act_quant(model, int(kv.get(fmt.KEY_BLOCK_SIZE, fmt.DEFAULT_BLOCK_SIZE)), sb, q)
         if mf.tensor_type("token_embd.weight" if tied else "output.weight") in (fmt.GGMLType.Q8_0,
                                                                                  fmt.GGMLType.Q4_0):
             enable_head_act_quant(model)

@@ -5,6 +5,7 @@ planner").
 Codes (every one a layout the file and the C runtime hold; bytes counted as the file stores them):
 
     q8_0, q4_0          ggml Q8_0 / Q4_0 blocks, solved by GPTQ (solver.compress_q); K % 32 == 0
+    q3                  pbs2p's 3-bit blocks of 32 (3.5 bpw, docs/format.md "Q3 blocks"), solved the same way
     pbs2p-6:8 ... 4:8   PBS²P sparse-binary at N:8
     binary              PBS²P dense binary (8:8, one term)
     residual            PBS²P dense two-term residual binary (8:8, both terms refit)
@@ -34,14 +35,14 @@ from pbs2p.format.plan import Plan, PlanEntry  # noqa: F401 - the planner's resu
 
 from . import solver
 
-CODES = ("q8_0", "q4_0", "pbs2p-6:8", "pbs2p-5:8", "pbs2p-4:8", "binary", "residual")
-DEFAULT_CODES = ("q8_0", "q4_0", "pbs2p-6:8", "binary")
+CODES = ("q8_0", "q4_0", "q3", "pbs2p-6:8", "pbs2p-5:8", "pbs2p-4:8", "binary", "residual")
+DEFAULT_CODES = ("q8_0", "q4_0", "q3", "pbs2p-6:8", "binary")
 SENSITIVITIES = ("fisher", "output", "relative")
 TOLERANCE = 0.01  # the plan's bpw lies in [B·(1 − TOLERANCE), B]
 
 
 def code_solver(code: str, base: solver.SolverConfig) -> solver.SolverConfig | None:
-    """The solver settings of a sparse-binary code (base's other knobs kept), None for q8_0 / q4_0."""
+    """The solver settings of a sparse-binary code (base's other knobs kept), None for q8_0 / q4_0 / q3."""
     if code in solver.Q_CODES:
         return None
     if code == "binary":

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pbs2p.format import n_blocks, sb_value, spec
+from pbs2p.format import QTYPE_OFFSET, n_blocks, sb_value, spec
 
 log = logging.getLogger(__name__)
 
@@ -443,42 +443,44 @@ def compress_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: SolverConfig) -
     return LayerResult(terms_np, alpha_np, mu_np, w_hat, stats)
 
 
-# --- Q8_0 / Q4_0 linears (the budget planner's wider codes): GPTQ in ggml's block layouts ------------------
+# --- Q8_0 / Q4_0 / Q3 linears (the budget planner's wider codes): GPTQ in the 32-value block layouts -------
 
-Q_CODES = {"q8_0": spec.GGMLType.Q8_0, "q4_0": spec.GGMLType.Q4_0}
+Q_CODES = {"q8_0": spec.QType.Q8_0, "q4_0": spec.QType.Q4_0, "q3": spec.QType.Q3}
 Q_GPTQ_BLOCK = 128  # lazy-update block of columns (GPTQ's), a multiple of the 32-column scale group
 
 
 @dataclass
 class QResult:
-    gtype: spec.GGMLType
+    gtype: spec.QType
     d: np.ndarray        # float16 (R, K/32): the blocks' scales
-    q: np.ndarray        # int (R, K): Q8_0 values in [-127, 127], Q4_0 nibbles in [0, 15]
+    q: np.ndarray        # int (R, K): Q8_0 values in [-127, 127], Q4_0 nibbles in [0, 15], Q3 in [0, 7]
     w_hat: torch.Tensor  # float32 (R, K) == format.pack_q(gtype, d, q).dequantize()
     stats: dict = field(default_factory=dict)
 
 
-def _q_scale(Wg: torch.Tensor, gtype: spec.GGMLType) -> torch.Tensor:
+def _q_scale(Wg: torch.Tensor, gtype: spec.QType) -> torch.Tensor:
     """ggml's scale rule on one 32-column group (R, 32), rounded to f16: Q8_0 d = amax/127; Q4_0 d = m/−8 with
-    m the signed value of largest magnitude (so m itself is exactly representable)."""
-    if gtype == spec.GGMLType.Q8_0:
+    m the signed value of largest magnitude (so m itself is exactly representable); Q3 the same rule, d = m/−4."""
+    if gtype == spec.QType.Q8_0:
         return _f16(Wg.abs().amax(1) / 127.0)
     idx = Wg.abs().argmax(1, keepdim=True)
-    return _f16(Wg.gather(1, idx)[:, 0] / -8.0)
+    return _f16(Wg.gather(1, idx)[:, 0] / -float(QTYPE_OFFSET[gtype]))
 
 
-def _q_column(w: torch.Tensor, d: torch.Tensor, gtype: spec.GGMLType) -> tuple[torch.Tensor, torch.Tensor]:
-    """(integer, value) of one column under scales d: ggml's rounding (Q8_0 roundf; Q4_0 trunc(x/d + 8.5))."""
+def _q_column(w: torch.Tensor, d: torch.Tensor, gtype: spec.QType) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer, value) of one column under scales d: ggml's rounding (Q8_0 roundf; Q4_0 trunc(x/d + 8.5), clamped
+    to 15; Q3 likewise trunc(x/d + 4.5) clamped to 7)."""
     inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
-    if gtype == spec.GGMLType.Q8_0:
+    if gtype == spec.QType.Q8_0:
         q = torch.clamp(torch.sign(w * inv) * torch.floor((w * inv).abs() + 0.5), -127, 127)
         return q, d * q
-    q = torch.clamp(torch.floor(w * inv + 8.5), 0, 15)
-    return q, d * (q - 8)
+    off = QTYPE_OFFSET[gtype]
+    q = torch.clamp(torch.floor(w * inv + (off + 0.5)), 0, 2 * off - 1)
+    return q, d * (q - off)
 
 
 def compress_q(W: torch.Tensor, H: torch.Tensor | None, code: str, percdamp: float = 0.01) -> QResult:
-    """One linear W (R, K), K % 32 == 0, as Q8_0 / Q4_0 blocks solved by GPTQ (Frantar et al. 2022): columns in
+    """One linear W (R, K), K % 32 == 0, as Q8_0 / Q4_0 / Q3 blocks solved by GPTQ (Frantar et al. 2022): columns in
     order, each group's scale set by ggml's rule from the error-updated weights when the group starts (GPTQ's
     groupwise mode), every column's rounding error pushed onto the columns not yet quantized through the upper
     Cholesky factor of H⁻¹. H None: round to nearest (ggml's quantizer up to the scale's f16 rounding)."""
@@ -515,7 +517,7 @@ def compress_q(W: torch.Tensor, H: torch.Tensor | None, code: str, percdamp: flo
     E = W0 - Q
     stats = {"method": code, "n_terms": 0, "dead_cols": n_dead,
              "err_w": float((E.double() ** 2).sum() / (W0.double() ** 2).sum().clamp_min(1e-300)),
-             "param_bits": 8.0 if gtype == spec.GGMLType.Q8_0 else 4.0}
+             "param_bits": {spec.QType.Q8_0: 8.0, spec.QType.Q4_0: 4.0, spec.QType.Q3: 3.0}[gtype]}
     if H is not None:
         stats["err_out"] = output_error(W0, E, H)
     stats["time_s"] = time.perf_counter() - t_start

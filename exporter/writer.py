@@ -93,7 +93,7 @@ def write(comp: Any, out: str | Path, force: bool = False) -> None:
                 if isinstance(obj, fmt.SbLinear):
                     w.add_sb(pre, obj)
                 elif isinstance(obj, fmt.QLinear):
-                    w.add_q(pre + fmt.SUFFIX_WEIGHT, obj)
+                    w.add_q(pre, obj)
                 else:
                     w.add_dense(pre + fmt.SUFFIX_WEIGHT, obj, fmt.GGMLType.F16)
                 if lin.bias is not None:

@@ -1,5 +1,5 @@
 """Dense block types of the file (ggml's Q8_0 and Q4_0, through gguf-py's quantizers, which are ggml's reference
-rules: the bytes are what llama.cpp writes) and the runtime's int8 activation quantizer."""
+rules: the bytes are what llama.cpp writes; pbs2p's own Q3 block) and the runtime's int8 activation quantizer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ import numpy as np
 from gguf import quants as ggq
 from gguf.constants import GGMLQuantizationType
 
-from .spec import Q4_0_BYTES, Q8_0_BLOCK, Q8_0_BYTES, GGMLType, n_blocks
+from .spec import Q3_BYTES, Q4_0_BYTES, Q8_0_BLOCK, Q8_0_BYTES, QType, n_blocks
 
 
 def _rows(x: np.ndarray, what: str) -> np.ndarray:
@@ -73,18 +73,41 @@ def quantize_act(x: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray
 
 
 
-# --- dense block-quantized linears (the budget planner's Q4_0 / Q8_0 codes) -------------------------------
+# --- dense block-quantized linears (the budget planner's Q8_0 / Q4_0 / Q3 codes) --------------------------
 
-QTYPE_BYTES = {GGMLType.Q8_0: Q8_0_BYTES, GGMLType.Q4_0: Q4_0_BYTES}
-QTYPE_RANGE = {GGMLType.Q8_0: (-127, 127), GGMLType.Q4_0: (0, 15)}  # stored integer (Q4_0: nibble, value d·(q − 8))
+QTYPE_BYTES = {QType.Q8_0: Q8_0_BYTES, QType.Q4_0: Q4_0_BYTES, QType.Q3: Q3_BYTES}
+# the stored integer q: Q8_0 value d·q; Q4_0 nibble, value d·(q − 8); Q3 value d·(q − 4)
+QTYPE_RANGE = {QType.Q8_0: (-127, 127), QType.Q4_0: (0, 15), QType.Q3: (0, 7)}
+QTYPE_OFFSET = {QType.Q8_0: 0, QType.Q4_0: 8, QType.Q3: 4}
+
+
+def q3_integers(data: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q3 bytes of rows of length k -> (d float32 (R, k/32), q uint8 (R, k) in 0..7). Block: f16 d, qs[8], qh[4];
+    element j: q = ((qs[j % 8] >> 2·(j // 8)) & 3) | ((qh[j // 8] >> (j % 8)) & 1) << 2."""
+    nb = k // Q8_0_BLOCK
+    b = np.asarray(data, dtype=np.uint8).reshape(-1, nb, Q3_BYTES)
+    d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    j = np.arange(Q8_0_BLOCK)
+    lo = (b[..., 2 + j % 8] >> (2 * (j // 8)).astype(np.uint8)) & 3
+    hi = (b[..., 10 + j // 8] >> (j % 8).astype(np.uint8)) & 1
+    return d, (lo | (hi << 2)).reshape(b.shape[0], k)
+
+
+def dequantize_q3(data: np.ndarray, k: int) -> np.ndarray:
+    """Q3 bytes of rows of length k -> float32 (R, k): value d·(q − 4)."""
+    d, q = q3_integers(data, k)
+    r = q.shape[0]
+    v = d[:, :, None] * (q.reshape(r, -1, Q8_0_BLOCK).astype(np.float32) - np.float32(4))
+    return v.reshape(r, k).astype(np.float32, copy=False)
 
 
 @dataclass
 class QLinear:
-    """A linear stored as ggml Q8_0 or Q4_0 blocks with scales and integers chosen by the exporter (a GPTQ
-    solve, not ggml's round-to-nearest rule): data uint8 (R, K/32 · block bytes), exactly the file's bytes."""
+    """A linear stored in Q8_0, Q4_0 (ggml's blocks) or Q3 blocks (pbs2p's) with scales and integers chosen by the
+    exporter (a GPTQ solve, not ggml's round-to-nearest rule): data uint8 (R, K/32 · block bytes), exactly the
+    file's bytes (Q8_0 / Q4_0: the tensor L.weight of that ggml type; Q3: the I8 tensor L.q3)."""
 
-    gtype: GGMLType
+    gtype: QType
     n_out: int
     n_in: int
     data: np.ndarray
@@ -97,7 +120,7 @@ class QLinear:
 
     def validate(self) -> None:
         if self.gtype not in QTYPE_BYTES:
-            raise ValueError(f"QLinear type {self.gtype!r}: Q8_0 or Q4_0")
+            raise ValueError(f"QLinear type {self.gtype!r}: Q8_0, Q4_0 or Q3")
         if self.n_in % Q8_0_BLOCK:
             raise ValueError(f"QLinear K = {self.n_in} is not a multiple of {Q8_0_BLOCK}")
         want = (self.n_out, self.n_in // Q8_0_BLOCK * QTYPE_BYTES[self.gtype])
@@ -105,14 +128,18 @@ class QLinear:
             raise ValueError(f"QLinear data {self.data.shape} {self.data.dtype}, expected {want} uint8")
 
     def dequantize(self) -> np.ndarray:
-        """float32 (R, K) through gguf-py's dequantizer (value d·q, or d·(nibble − 8) for Q4_0)."""
+        """float32 (R, K): Q8_0 / Q4_0 through gguf-py's dequantizer (value d·q, d·(nibble − 8)); Q3 d·(q − 4)."""
+        if self.gtype == QType.Q3:
+            return dequantize_q3(self.data, self.n_in)
         return _dequantize(self.data, self.n_in, GGMLQuantizationType(int(self.gtype)))
 
 
-def pack_q(gtype: GGMLType, d: np.ndarray, q: np.ndarray) -> QLinear:
-    """ggml blocks from per-block scales d (R, K/32, stored as float16) and integers q (R, K) in QTYPE_RANGE:
-    Q8_0 block = d then 32 int8; Q4_0 block = d then 16 bytes, byte j = q[j] | q[j + 16] << 4."""
-    gtype = GGMLType(gtype)
+def pack_q(gtype: QType, d: np.ndarray, q: np.ndarray) -> QLinear:
+    """Blocks from per-block scales d (R, K/32, stored as float16) and integers q (R, K) in QTYPE_RANGE:
+    Q8_0 block = d then 32 int8; Q4_0 block = d then 16 bytes, byte j = q[j] | q[j + 16] << 4; Q3 block = d, then
+    qs[8] with bits 2i, 2i+1 of byte j the low 2 bits of q[8i + j], then qh[4] with bit i of byte j the high bit of
+    q[8j + i]."""
+    gtype = QType(gtype)
     q = np.asarray(q)
     r, k = q.shape
     if k % Q8_0_BLOCK:
@@ -123,8 +150,16 @@ def pack_q(gtype: GGMLType, d: np.ndarray, q: np.ndarray) -> QLinear:
         raise ValueError(f"{gtype.name} integers must lie in [{lo}, {hi}]")
     d16 = np.asarray(d, dtype=np.float16).reshape(r, nb, 1).view(np.uint8)  # (R, nb, 2) little-endian f16
     qb = q.reshape(r, nb, Q8_0_BLOCK)
-    if gtype == GGMLType.Q8_0:
+    if gtype == QType.Q8_0:
         body = qb.astype(np.int8).view(np.uint8)
+    elif gtype == QType.Q3:
+        u = qb.astype(np.uint8).reshape(r, nb, 4, 8)  # [.., i, j] = element 8i + j
+        qs = np.zeros((r, nb, 8), np.uint8)
+        qh = np.zeros((r, nb, 4), np.uint8)
+        for i in range(4):
+            qs |= (u[:, :, i] & 3) << (2 * i)
+            qh[:, :, i] = np.packbits((u[:, :, i] >> 2) & 1, axis=-1, bitorder="little")[..., 0]
+        body = np.concatenate([qs, qh], axis=-1)
     else:
         u = qb.astype(np.uint8)
         body = u[..., :16] | (u[..., 16:] << 4)

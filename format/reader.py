@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 
 from .encoding import SbLinear
-from .quants import dequantize_q4_0, dequantize_q8_0
+from .quants import QLinear, dequantize_q4_0, dequantize_q8_0
 from .spec import (DEFAULT_BLOCK_SIZE, KEY_ARCHITECTURE, KEY_BLOCK_SIZE, KEY_FORMAT_VERSION, LINEAR_NAMES,
-                   SUFFIX_ALPHA, SUFFIX_MU, SUFFIX_PLANES, SUFFIX_WEIGHT, FormatError, GGMLType, family_of_arch,
-                   linear_n_in)
+                   Q8_0_BLOCK, SUFFIX_ALPHA, SUFFIX_MU, SUFFIX_PLANES, SUFFIX_Q3, SUFFIX_WEIGHT, FormatError,
+                   GGMLType, QType, family_of_arch, linear_n_in)
 
 # the tensors of one linear: blk.<i>.<linear>.<weight|planes|alpha|mu>
-LINEAR_TENSOR_RE = re.compile(r"^(blk\.\d+\.(?:%s))\.(weight|planes|alpha|mu)$" % "|".join(LINEAR_NAMES))
+LINEAR_TENSOR_RE = re.compile(r"^(blk\.\d+\.(?:%s))\.(weight|q3|planes|alpha|mu)$" % "|".join(LINEAR_NAMES))
 # the big tokenizer arrays, left out of ModelFile.kv (read them with ModelFile.value)
 TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                     "tokenizer.ggml.token_type")
@@ -186,6 +186,25 @@ class ModelFile:
     def is_sb(self, prefix: str) -> bool:
         return prefix + SUFFIX_PLANES in self.tensors
 
+    def is_q3(self, prefix: str) -> bool:
+        return prefix + SUFFIX_Q3 in self.tensors
+
+    def q3(self, prefix: str) -> QLinear:
+        """One Q3 linear (the I8 tensor prefix.q3), validated: (R, K/32 · Q3_BYTES) bytes, K % 32 == 0."""
+        t = self.tensors[prefix + SUFFIX_Q3]
+        if int(t.tensor_type) != GGMLType.I8:
+            raise FormatError(f"tensor {prefix + SUFFIX_Q3}: type {t.tensor_type!r}, expected I8 (Q3 block bytes)")
+        k = self.n_in(prefix)
+        if k % Q8_0_BLOCK:
+            raise FormatError(f"Q3 linear {prefix}: K = {k} is not a multiple of {Q8_0_BLOCK}")
+        data = np.asarray(t.data).view(np.uint8)
+        ql = QLinear(QType.Q3, int(data.shape[0]) if data.ndim == 2 else -1, k, data)
+        try:
+            ql.validate()
+        except ValueError as e:
+            raise FormatError(f"Q3 linear {prefix}: {e}") from None
+        return ql
+
     def sb(self, prefix: str) -> SbLinear:
         """One sparse-binary linear, validated against docs/format.md."""
         missing = [s for s in (SUFFIX_PLANES, SUFFIX_ALPHA, SUFFIX_MU) if prefix + s not in self.tensors]
@@ -215,24 +234,32 @@ class ModelFile:
     def tensor_type(self, name: str) -> int:
         return int(self.tensors[name].tensor_type)
 
+    def linear_weights(self, prefix: str) -> tuple[int, int, int]:
+        """(weights, bytes, parameter bits) of one linear as the file stores it (biases not counted). Parameter
+        bits by the paper's convention, as the runtime counts them: one per set bit of a sparse-binary linear's
+        planes, the code's width per weight of a dense one (F32 32, F16 16, Q8_0 8, Q4_0 4, Q3 3)."""
+        if self.is_sb(prefix):
+            sb = self.sb(prefix)
+            return sb.n_out * sb.n_in, sb.nbytes(), int(np.unpackbits(sb.planes, bitorder="little").sum())
+        if self.is_q3(prefix):
+            ql = self.q3(prefix)
+            return ql.n_out * ql.n_in, ql.nbytes(), 3 * ql.n_out * ql.n_in
+        t = self.tensors[prefix + SUFFIX_WEIGHT]
+        n = int(np.prod([int(x) for x in t.shape]))
+        width = {GGMLType.F32: 32, GGMLType.F16: 16, GGMLType.Q8_0: 8, GGMLType.Q4_0: 4}.get(int(t.tensor_type))
+        if width is None:
+            raise FormatError(f"tensor {prefix + SUFFIX_WEIGHT}: type {t.tensor_type!r} is not a dense linear type")
+        return n, int(t.n_bytes), width * n
+
     def storage(self) -> dict[str, float]:
         """Sizes counted from the file's bytes (docs/format.md, "Storage bits per weight"): the linears' bytes
-        (planes + scales, or the dense weight; biases not counted) over their weight count, the whole file's
-        bytes over the same count, and the paper's parameter bits (NaN for a file without sparse-binary
-        linears)."""
-        lin_bytes = lin_weights = 0
-        bits_kept = 0
+        (planes + scales, or the dense / Q3 weight; biases not counted) over their weight count, the whole file's
+        bytes over the same count, and the paper's parameter bits over all linears (linear_weights)."""
+        lin_weights = lin_bytes = bits = 0
         for pre in self.linear_prefixes():
-            if self.is_sb(pre):
-                sb = self.sb(pre)
-                lin_bytes += sb.nbytes()
-                lin_weights += sb.n_out * sb.n_in
-                bits_kept += int(np.unpackbits(sb.planes, bitorder="little").sum())
-            else:
-                t = self.tensors[pre + SUFFIX_WEIGHT]
-                lin_bytes += int(t.n_bytes)
-                lin_weights += int(np.prod([int(x) for x in t.shape]))
+            n, b, p = self.linear_weights(pre)
+            lin_weights, lin_bytes, bits = lin_weights + n, lin_bytes + b, bits + p
         size = self.path.stat().st_size
         return {"file_bytes": size, "linear_bytes": lin_bytes, "linear_weights": lin_weights,
                 "storage_bpw": 8.0 * lin_bytes / max(lin_weights, 1), "file_bpw": 8.0 * size / max(lin_weights, 1),
-                "param_bits": bits_kept / max(lin_weights, 1) if bits_kept else float("nan")}
+                "param_bits": bits / lin_weights if lin_weights else float("nan")}

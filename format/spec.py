@@ -26,6 +26,9 @@ ALLOWED_M = (4, 8)            # pbs2p.nm.m of a pruned file; 0 means no layer is
 Q8_0_BLOCK = 32               # values per Q8_0 / Q4_0 block
 Q8_0_BYTES = 34               # f16 d + 32 int8: 8.5 bpw
 Q4_0_BYTES = 18               # f16 d + 16 nibble bytes: 4.5 bpw
+# pbs2p's own 3-bit block of 32 (ggml has no 32-value 3-bit type): f16 d, 8 bytes of low 2-bit parts, 4 bytes of
+# high bits; value d·(q − 4), q in 0..7 (docs/format.md, "Q3 blocks"); stored as the I8 tensor L.q3
+Q3_BYTES = 14                 # 3.5 bpw
 
 
 class GGMLType(IntEnum):
@@ -36,6 +39,15 @@ class GGMLType(IntEnum):
     Q4_0 = 2
     Q8_0 = 8
     I8 = 24
+
+
+class QType(IntEnum):
+    """Block types of solved dense linears (format.QLinear): ggml's type id where ggml has the type; Q3 is pbs2p's
+    own, its id outside ggml's range (the file stores it as an I8 tensor named L.q3, not as a ggml type)."""
+
+    Q4_0 = 2
+    Q8_0 = 8
+    Q3 = 1003
 
 
 class TokenType(IntEnum):
@@ -66,6 +78,7 @@ SUFFIX_PLANES = ".planes"
 SUFFIX_ALPHA = ".alpha"
 SUFFIX_MU = ".mu"
 SUFFIX_WEIGHT = ".weight"
+SUFFIX_Q3 = ".q3"             # a linear in Q3 blocks (I8, shape (R, K/32 · Q3_BYTES))
 SUFFIX_BIAS = ".bias"
 # every linear a block may hold, in file order (opt has no ffn_gate)
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -143,5 +156,5 @@ def linear_n_in(linear: str, n_embd: int, n_ff: int, q_dim: int) -> int:
 
 
 __all__ = [n for n in dir() if n.isupper() or n in (
-    "GGMLType", "TokenType", "FormatError", "arch_name", "family_of_arch", "n_words", "n_blocks",
+    "GGMLType", "QType", "TokenType", "FormatError", "arch_name", "family_of_arch", "n_words", "n_blocks",
     "check_block_size", "check_nm", "linear_n_in")]

@@ -11,7 +11,7 @@ import numpy as np
 from .encoding import SbLinear
 from .quants import QLinear, quantize_q4_0, quantize_q8_0
 from .spec import (ALIGNMENT, FORMAT_VERSION, KEY_ALIGNMENT, KEY_FORMAT_VERSION, SUFFIX_ALPHA, SUFFIX_MU,
-                   SUFFIX_PLANES, GGMLType, arch_name)
+                   SUFFIX_PLANES, SUFFIX_Q3, SUFFIX_WEIGHT, GGMLType, QType, arch_name)
 
 
 def chmod_umask(path: str | os.PathLike[str], mode: int) -> None:
@@ -84,12 +84,16 @@ class ModelWriter:
         self._w.add_tensor(prefix + SUFFIX_ALPHA, sb.alpha)
         self._w.add_tensor(prefix + SUFFIX_MU, sb.mu)
 
-    def add_q(self, name: str, ql: QLinear) -> None:
-        """A solved Q8_0 / Q4_0 linear: its bytes as they are."""
+    def add_q(self, prefix: str, ql: QLinear) -> None:
+        """A solved Q8_0 / Q4_0 / Q3 linear, its bytes as they are: prefix.weight of that ggml type, or for Q3 (no
+        ggml type) the I8 tensor prefix.q3."""
         import gguf
 
         ql.validate()
-        self._w.add_tensor(name, ql.data, raw_shape=ql.data.shape,
+        if ql.gtype == QType.Q3:
+            self._w.add_tensor(prefix + SUFFIX_Q3, ql.data.view(np.int8))
+            return
+        self._w.add_tensor(prefix + SUFFIX_WEIGHT, ql.data, raw_shape=ql.data.shape,
                            raw_dtype=gguf.GGMLQuantizationType(int(ql.gtype)))
 
     def add_dense(self, name: str, x: np.ndarray, gtype: GGMLType = GGMLType.F32) -> None:

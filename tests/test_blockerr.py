@@ -73,6 +73,6 @@ def _attn_only_block0_err(folder: Path, out: Path, windows: torch.Tensor) -> flo
     _, _, sbs = fakequant.read_file_weights(fmt.ModelFile(out))
     for _, g, lin in arch.block_linears(block0, fam):
         if g.startswith("attn_"):
-            lin.weight.data.copy_(torch.from_numpy(fmt.dequantize_sb(sbs[f"blk.0.{g}"])))
+            lin.weight.data.copy_(torch.from_numpy(sbs[f"blk.0.{g}"].dequantize()))
     q_out = driver.run_block(block0, inps, kwargs)
     return driver.block_error(q_out, fp_out)

@@ -34,13 +34,13 @@ def fixtures(tiny_model_factory, tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     # tiny-qwen2 stores its (tied) embedding/head as Q4_0, the others as Q8_0: both head kernels are checked
     # tiny-llama-residual (two terms on every kept weight, --residual) is checked by the greedy test only;
-    # tiny-*-plan: budget-planner files mixing Q8_0, Q4_0 and sparse-binary linears in one model
+    # tiny-*-plan: budget-planner files mixing codes in one model (llama: Q8_0, Q4_0, sparse-binary; qwen2: Q8_0, Q3, ...)
     for name, family, nm, emb in [("tiny-llama", "llama", (6, 8), "q8_0"), ("tiny-qwen2", "qwen2", (2, 4), "q4_0"),
                                   ("tiny-opt", "opt", (4, 8), "q8_0"), ("tiny-llama-dense", "llama", None, "q8_0"),
                                   ("tiny-llama-residual", "llama", (6, 8), "q8_0"),
                                   ("tiny-llama-plan", "llama", "plan", "q8_0"), ("tiny-qwen2-plan", "qwen2", "plan", "q4_0")]:
-        plan = dict(method="plan", bpw=4.0, codes=("q8_0", "q4_0", "pbs2p-6:8", "binary")) if nm == "plan" else \
-            dict(nm=nm)
+        codes = ("q8_0", "q4_0", "pbs2p-6:8", "binary") if family == "llama" else ("q8_0", "q3", "pbs2p-6:8")
+        plan = dict(method="plan", bpw=4.0, codes=codes) if nm == "plan" else dict(nm=nm)
         cfg = config.QuantConfig(**plan, nsamples=4, seqlen=32, progress=False, calib="self", embed_type=emb,
                                  solver=SolverConfig(residual=name.endswith("residual")))
         path = out / f"{name}.pbs2p"
@@ -51,7 +51,8 @@ def fixtures(tiny_model_factory, tmp_path_factory) -> Path:
             src = _uneven_norms(src, out / f"{name}-src")
         result, stats = driver.export(str(src), path, cfg)
         if nm == "plan":  # the fixture mixes codes (the planner's choice at 4.0 bpw on these tiny models)
-            assert {"q4_0", "pbs2p-6:8"} <= {r.code for r in result.records}, [r.code for r in result.records]
+            want = {"q4_0", "pbs2p-6:8"} if family == "llama" else {"q3", "q8_0"}
+            assert want <= {r.code for r in result.records}, [r.code for r in result.records]
         if cfg.solver.residual:  # a second ±1 bit on every kept weight of every linear
             assert stats["param_bits"] == pytest.approx(2 * 6 / 8)
         ref = fakequant.load_fakequant(path, act_quant=True)

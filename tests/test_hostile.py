@@ -27,6 +27,7 @@ corpus = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(corpus)
 
 # Well-formed files the runtime accepts on purpose (documented in docs/reliability.md).
+VALID = ("valid", "valid300", "valid-q3")
 ACCEPTED = {"semantic merges of 0", "semantic eos id 2^32-1 (none)"}
 TIMEOUT = 20
 
@@ -55,7 +56,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     hostile variant: cut at each section boundary, corrupted fields, semantically wrong metadata."""
     d = tmp_path_factory.mktemp("hostile")
     valid = corpus.write_small_model(d / "valid.gguf", corpus.small_byte_level_kv())
-    out = {"valid": valid, "valid300": corpus.write_small_model(d / "valid300.gguf")}
+    out = {"valid": valid, "valid300": corpus.write_small_model(d / "valid300.gguf"),
+           "valid-q3": corpus.write_small_model(d / "valid-q3.gguf", corpus.small_byte_level_kv(), dense=corpus.Q3_DENSE)}
     data = valid.read_bytes()
     cases = {f"cut {k}": data[:off] for k, off in corpus.cut_points(data).items()}
     cases.update({f"corrupt {k}": v for k, v in corpus.corrupt_variants(data).items()})
@@ -68,7 +70,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def hostile(files: dict[str, Path]) -> dict[str, Path]:
-    return {k: v for k, v in files.items() if k not in ("valid", "valid300") and k not in ACCEPTED}
+    return {k: v for k, v in files.items() if k not in VALID and k not in ACCEPTED}
 
 
 def test_cases_cover_the_issue(files):
@@ -100,7 +102,7 @@ def _generated(stderr: str) -> int:
 
 
 def test_cli_runs_the_valid_and_accepted_files(files):
-    for name in ("valid", "valid300", *sorted(ACCEPTED)):
+    for name in (*VALID, *sorted(ACCEPTED)):
         r = run_cli("-m", str(files[name]), "-p", "the", "-n", "3", "-t", "1")
         err = r.stderr.decode(errors="replace")
         assert r.returncode == 0, (name, err)

@@ -36,7 +36,30 @@ def test_pack_q_writes_ggml_bytes():
         assert np.array_equal(fmt.pack_q(gtype, d, q).data, quant(x))
 
 
-@pytest.mark.parametrize("code", ["q4_0", "q8_0"])
+def test_q3_layout():
+    """pbs2p's Q3 block (docs/format.md "Q3 blocks"), byte by byte: f16 d, qs[8] with bits 2i, 2i+1 of byte j the
+    low bits of element 8i + j, qh[4] with bit i of byte j the high bit of element 8j + i; value d·(q − 4). The C
+    kernels pin the same layout (runtime/tests/test-kernels.c, test_q3_layout)."""
+    for j in range(32):
+        for q in range(8):
+            qi = np.full((1, 32), 4)
+            qi[0, j] = q
+            ql = fmt.pack_q(fmt.QType.Q3, np.ones((1, 1), np.float16), qi)
+            want = bytearray(14)
+            want[0:2] = np.float16(1).tobytes()
+            for e in range(32):
+                v = int(qi[0, e])
+                want[2 + e % 8] |= (v & 3) << (2 * (e // 8))
+                want[10 + e // 8] |= (v >> 2) << (e % 8)
+            assert ql.data.tobytes() == bytes(want), (j, q)
+            expect = np.zeros((1, 32), np.float32)
+            expect[0, j] = q - 4
+            assert np.array_equal(ql.dequantize(), expect)
+    with pytest.raises(ValueError, match=r"\[0, 7\]"):
+        fmt.pack_q(fmt.QType.Q3, np.ones((1, 1), np.float16), np.full((1, 32), 8))
+
+
+@pytest.mark.parametrize("code", ["q4_0", "q8_0", "q3"])
 def test_compress_q_is_exact_and_beats_round_to_nearest(code):
     W, H = _layer()
     rtn = solver.compress_q(W, None, code)
@@ -125,6 +148,8 @@ def test_plan_export_meets_budget_and_records_the_plan(capsys, tmp_path, tiny_mo
             sb = mf.sb(e.prefix)
             assert e.code.startswith("pbs2p-") or e.code == "binary"
             assert sb.nbytes() == e.nbytes
+        elif mf.is_q3(e.prefix):
+            assert e.code == "q3" and mf.q3(e.prefix).nbytes() == e.nbytes
         else:
             t = mf.tensors[e.prefix + fmt.SUFFIX_WEIGHT]
             assert types[int(t.tensor_type)] == e.code and int(t.n_bytes) == e.nbytes

@@ -204,6 +204,12 @@ def write_tiny_model(path: str | os.PathLike[str], arch: str = "llama", seed: in
             for lin in LINEARS:
                 r, k = shapes[lin]
                 prefix, hf = f"blk.{i}.{lin}", f"model.layers.{i}.{HF_NAMES[lin]}"
+                if prefix in dense and dense[prefix] == fmt.QType.Q3:  # random Q3 blocks
+                    d = (rng.uniform(0.5, 1.5, (r, k // 32)) / (4 * np.sqrt(k))).astype(np.float16)
+                    ql = fmt.pack_q(fmt.QType.Q3, d, rng.integers(0, 8, (r, k)))
+                    w.add_q(prefix, ql)
+                    tm.weights[hf + ".weight"] = ql.dequantize()
+                    continue
                 if prefix in dense:
                     x = (rng.standard_normal((r, k)) / np.sqrt(k)).astype(np.float32)
                     w.add_dense(prefix + ".weight", x, dense[prefix])

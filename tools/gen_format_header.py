@@ -51,10 +51,12 @@ def render(spec) -> str:
     out.append(f"#define PBS2P_SPEC_M_ALLOWED(m) ({allowed}) /* pbs2p.nm.m of a pruned file; 0: none pruned */")
     out.append(f"#define PBS2P_SPEC_M_ALLOWED_STR {c_str(', '.join(map(str, spec.ALLOWED_M)))}")
     out.append("\n/* ggml block types */")
-    for name in ("Q8_0_BLOCK", "Q8_0_BYTES", "Q4_0_BYTES"):
+    for name in ("Q8_0_BLOCK", "Q8_0_BYTES", "Q4_0_BYTES", "Q3_BYTES"):
         define(name, getattr(spec, name))
     for t in spec.GGMLType:
         define(f"TYPE_{t.name}", t.value)
+    for t in spec.QType:
+        define(f"QTYPE_{t.name}", t.value)
     for t in spec.TokenType:
         define(f"TOKEN_{t.name}", t.value)
     out.append("\n/* metadata keys and tensor names */")
@@ -69,6 +71,8 @@ def render(spec) -> str:
             '_Static_assert(PBS2P_SPEC_Q8_0_BYTES == 2 + PBS2P_SPEC_Q8_0_BLOCK, "Q8_0: f16 d + 32 int8 (8.5 bpw)");',
             '_Static_assert(PBS2P_SPEC_Q4_0_BYTES == 2 + PBS2P_SPEC_Q8_0_BLOCK / 2, "Q4_0: f16 d + 16 nibble bytes '
             '(4.5 bpw)");',
+            '_Static_assert(PBS2P_SPEC_Q3_BYTES == 2 + PBS2P_SPEC_Q8_0_BLOCK / 4 + PBS2P_SPEC_Q8_0_BLOCK / 8, "Q3: f16 d '
+            '+ 8 bytes of 2-bit parts + 4 bytes of high bits (3.5 bpw)");',
             '_Static_assert(PBS2P_SPEC_BLOCK_SIZE_MULTIPLE % PBS2P_SPEC_WORD_BITS == 0, "a scale block is whole plane '
             'words");',
             '_Static_assert(PBS2P_SPEC_DEFAULT_BLOCK_SIZE % PBS2P_SPEC_BLOCK_SIZE_MULTIPLE == 0, "default block size '

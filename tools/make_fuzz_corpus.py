@@ -317,6 +317,14 @@ def small_byte_level_kv(pre: str = "smollm") -> list[tuple[str, Any, str]]:
     return byte_level_kv(pre, n_merges=20, alphabet=SMALL_ALPHABET)
 
 
+Q3_DENSE = {"blk.0.attn_v": fmt.QType.Q3}  # a small model whose attn_v is a Q3 linear
+
+
+def _patch_tensor_ne0(data: bytes, name: str, value: int) -> bytes:
+    ti = next(t for t in gguf_layout(data)["tensor_info"] if t[0] == name)
+    return _patch(data, ti[2], "<Q", value)
+
+
 def semantic_variants(tmp: Path) -> dict[str, bytes]:
     """Well-formed GGUF files whose content is wrong (written through the normal writer), by name."""
     base = small_byte_level_kv()
@@ -368,6 +376,10 @@ def semantic_variants(tmp: Path) -> dict[str, bytes]:
             write_small_model(p, base).read_bytes(), "pbs2p.format_version", "<I", 1)),
         "nm.m 5 (not an allowed M)": lambda p: p.write_bytes(patch_kv(
             write_small_model(p, base).read_bytes(), "pbs2p.nm.m", "<I", 5)),
+        "Q3 linear: row of 13 bytes (K/32 · 14 = 14)": lambda p: p.write_bytes(_patch_tensor_ne0(
+            write_small_model(p, base, dense=Q3_DENSE).read_bytes(), "blk.0.attn_v.q3", 13)),
+        "Q3 linear also stored sparse-binary": lambda p: p.write_bytes(
+            write_small_model(p, base, dense=Q3_DENSE).read_bytes().replace(b"blk.0.attn_k.mu", b"blk.0.attn_k.q3")),
         "spm: scores missing": lambda p: write_small_model(p, [kv for kv in spm_kv() if kv[0] != "tokenizer.ggml.scores"]),
     }
     out = {}
@@ -418,6 +430,7 @@ def main(argv: list[str]) -> int:
                                                    small_byte_level_kv("gpt2"), seed=2, tied=False,
                                                    emb_type=fmt.GGMLType.F16),
         "small-spm": write_small_model(out / "valid" / "small-spm.gguf", spm_kv(20, range(0x20, 0x40)), seed=3),
+        "small-q3": write_small_model(out / "valid" / "small-q3.gguf", small_byte_level_kv(), seed=4, dense=Q3_DENSE),
         "small-gpt2-untied-q4": write_small_model(out / "valid" / "small-gpt2-untied-q4.gguf",
                                                   small_byte_level_kv("gpt2"), seed=4, tied=False,
                                                   emb_type=fmt.GGMLType.Q4_0),

@@ -88,7 +88,7 @@ def measure(loaded, fpath: Path, windows: torch.Tensor, max_blocks: int | None =
             if pre not in sbs:
                 raise ValueError(f"{fpath}: {pre} is not a sparse-binary tensor")
             W = lin.weight.data
-            w_hat = torch.from_numpy(fmt.dequantize_sb(sbs[pre])).to(W.device)
+            w_hat = torch.from_numpy(sbs[pre].dequantize()).to(W.device)
             if w_hat.shape != W.shape:
                 raise ValueError(f"{fpath}: {pre} has shape {tuple(w_hat.shape)}, the model {tuple(W.shape)}")
             layer_err[pre] = solver.output_error(W, W - w_hat, accs[owner[g]].H)

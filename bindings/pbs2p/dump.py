@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .format import KEY_NM_M, KEY_PLAN, SUFFIX_WEIGHT, GGMLType, ModelFile, Plan, field_value, n_words
+from .format import KEY_NM_M, KEY_PLAN, SUFFIX_Q3, SUFFIX_WEIGHT, GGMLType, ModelFile, Plan, field_value, n_words
 # parameter bits per weight of a dense linear, as the runtime counts them (model.c)
 _DENSE_BITS = {GGMLType.F32: 32.0, GGMLType.F16: 16.0, GGMLType.Q8_0: 8.0, GGMLType.Q4_0: 4.0}
 
@@ -81,6 +81,11 @@ def linear_stats(mf: ModelFile) -> list[LinearStats]:
     m = int(mf.kv.get(KEY_NM_M, 0) or 0) or (8 if KEY_PLAN in mf.kv else 0)  # planned N:M codes are all N:8
     out = []
     for pre in mf.linear_prefixes():
+        if mf.is_q3(pre):
+            ql = mf.q3(pre)
+            out.append(LinearStats(pre, "Q3 (pbs2p)", ql.n_out, ql.n_in, 0, "dense", ql.nbytes(),
+                                   3.0 * ql.n_out * ql.n_in))
+            continue
         if not mf.is_sb(pre):
             t = mf.tensors[pre + SUFFIX_WEIGHT]
             k, r = int(t.shape[0]), int(np.prod(t.shape[1:]))
@@ -134,6 +139,8 @@ def dump(path: str, out: TextIO = sys.stdout, all_values: bool = False) -> None:
         pre = t.name.rsplit(".", 1)[0]
         if pre in sb_prefix:
             enc = "sparse-binary"
+        elif t.name.endswith(SUFFIX_Q3):
+            enc = "Q3 (pbs2p)"
         elif int(t.tensor_type) in (GGMLType.Q8_0, GGMLType.Q4_0):
             enc = _type_name(int(t.tensor_type))
         else:

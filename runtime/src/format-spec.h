@@ -21,11 +21,15 @@
 #define PBS2P_SPEC_Q8_0_BLOCK 32
 #define PBS2P_SPEC_Q8_0_BYTES 34
 #define PBS2P_SPEC_Q4_0_BYTES 18
+#define PBS2P_SPEC_Q3_BYTES 14
 #define PBS2P_SPEC_TYPE_F32 0
 #define PBS2P_SPEC_TYPE_F16 1
 #define PBS2P_SPEC_TYPE_Q4_0 2
 #define PBS2P_SPEC_TYPE_Q8_0 8
 #define PBS2P_SPEC_TYPE_I8 24
+#define PBS2P_SPEC_QTYPE_Q4_0 2
+#define PBS2P_SPEC_QTYPE_Q8_0 8
+#define PBS2P_SPEC_QTYPE_Q3 1003
 #define PBS2P_SPEC_TOKEN_NORMAL 1
 #define PBS2P_SPEC_TOKEN_UNKNOWN 2
 #define PBS2P_SPEC_TOKEN_CONTROL 3
@@ -48,6 +52,7 @@
 #define PBS2P_SPEC_SUFFIX_BIAS ".bias"
 #define PBS2P_SPEC_SUFFIX_MU ".mu"
 #define PBS2P_SPEC_SUFFIX_PLANES ".planes"
+#define PBS2P_SPEC_SUFFIX_Q3 ".q3"
 #define PBS2P_SPEC_SUFFIX_WEIGHT ".weight"
 #define PBS2P_SPEC_ARCH_PREFIX "pbs2p-"
 #define PBS2P_SPEC_N_LINEAR_NAMES 7
@@ -58,6 +63,7 @@
 /* the block layouts these numbers describe (ggml's static_assert per block struct) */
 _Static_assert(PBS2P_SPEC_Q8_0_BYTES == 2 + PBS2P_SPEC_Q8_0_BLOCK, "Q8_0: f16 d + 32 int8 (8.5 bpw)");
 _Static_assert(PBS2P_SPEC_Q4_0_BYTES == 2 + PBS2P_SPEC_Q8_0_BLOCK / 2, "Q4_0: f16 d + 16 nibble bytes (4.5 bpw)");
+_Static_assert(PBS2P_SPEC_Q3_BYTES == 2 + PBS2P_SPEC_Q8_0_BLOCK / 4 + PBS2P_SPEC_Q8_0_BLOCK / 8, "Q3: f16 d + 8 bytes of 2-bit parts + 4 bytes of high bits (3.5 bpw)");
 _Static_assert(PBS2P_SPEC_BLOCK_SIZE_MULTIPLE % PBS2P_SPEC_WORD_BITS == 0, "a scale block is whole plane words");
 _Static_assert(PBS2P_SPEC_DEFAULT_BLOCK_SIZE % PBS2P_SPEC_BLOCK_SIZE_MULTIPLE == 0, "default block size obeys the rule");
 _Static_assert(PBS2P_SPEC_MAX_BLOCK_SIZE % PBS2P_SPEC_BLOCK_SIZE_MULTIPLE == 0, "max block size obeys the rule");

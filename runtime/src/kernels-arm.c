@@ -253,6 +253,20 @@ INLINE int32_t q4_block(const uint8_t *blk, const int8_t *x) {
                     vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(qs, 4)), eight), x);
 }
 
+/* Q3: low 2-bit parts of elements 8k..8k+7 in bits 2k, 2k+1 of the 8 qs bytes; high bit of element j = bit j % 8
+ * of qh byte j / 8 (vtst against one bit per lane); value q - 4. */
+INLINE int32_t q3_block(const uint8_t *blk, const int8_t *x) {
+    const uint8x8_t qs = vld1_u8(blk + 2), m3 = vdup_n_u8(3), bit = vcreate_u8(0x8040201008040201ULL);
+    const uint8x16_t lo0 = vcombine_u8(vand_u8(qs, m3), vand_u8(vshr_n_u8(qs, 2), m3));
+    const uint8x16_t lo1 = vcombine_u8(vand_u8(vshr_n_u8(qs, 4), m3), vshr_n_u8(qs, 6));
+    const uint8x16_t hi0 = vcombine_u8(vtst_u8(vdup_n_u8(blk[10]), bit), vtst_u8(vdup_n_u8(blk[11]), bit));
+    const uint8x16_t hi1 = vcombine_u8(vtst_u8(vdup_n_u8(blk[12]), bit), vtst_u8(vdup_n_u8(blk[13]), bit));
+    const uint8x16_t four = vdupq_n_u8(4);
+    const int8x16_t s4 = vdupq_n_s8(4);
+    return dot32_s8(vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(lo0, vandq_u8(hi0, four))), s4),
+                    vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(lo1, vandq_u8(hi1, four))), s4), x);
+}
+
 /* Rows outer, tokens inner: a row (nb·bytes) is read from memory once and from L1 for the other tokens. */
 INLINE void q_gemm_neon(int32_t (*block)(const uint8_t *, const int8_t *), size_t bytes, const uint8_t *w,
                         int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy, int32_t r0, int32_t r1) {
@@ -286,8 +300,14 @@ static void q4_gemm_neon(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, f
     q_gemm_neon(q4_block, 18, w, K, act, y, ldy, r0, r1);
 }
 
-const pbs2p_kernels pbs2p_kernels_neon = {"neon", sb_gemm_neon, sb_sums_neon, q8_gemm_neon, q4_gemm_neon};
+static void q3_gemm_neon(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy, int32_t r0,
+                         int32_t r1) {
+    q_gemm_neon(q3_block, 14, w, K, act, y, ldy, r0, r1);
+}
+
+const pbs2p_kernels pbs2p_kernels_neon = {"neon", sb_gemm_neon, sb_sums_neon, q8_gemm_neon, q4_gemm_neon,
+                                          q3_gemm_neon};
 const pbs2p_kernels pbs2p_kernels_neon_expand = {"neon-expand", sb_gemm_neon_expand, sb_sums_neon_expand,
-                                                 q8_gemm_neon, q4_gemm_neon};
+                                                 q8_gemm_neon, q4_gemm_neon, q3_gemm_neon};
 
 #endif

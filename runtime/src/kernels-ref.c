@@ -172,6 +172,17 @@ static int32_t q4_block_dot(const uint8_t *qs, const int8_t *x) {
     return s;
 }
 
+/* Q3 block (pbs2p's): f16 d, then qs[8] (low 2 bits of element j in bits 2·(j/8).. of byte j % 8), then qh[4]
+   (high bit of element j = bit j % 8 of byte j / 8); value d·(q − 4), q in 0..7. */
+static int32_t q3_block_dot(const uint8_t *p, const int8_t *x) {
+    int32_t s = 0;
+    for (int j = 0; j < 32; j++) {
+        const int32_t q = ((p[j % 8] >> (2 * (j / 8))) & 3) | (((p[8 + j / 8] >> (j % 8)) & 1) << 2);
+        s += (q - 4) * (int32_t)x[j];
+    }
+    return s;
+}
+
 /* y[t, r] = Σ_b f16(d_w[r, b])·d_x[t, b] · dot_b, summed over blocks in order, for rows of `bytes`-byte blocks
    (a 2-byte f16 scale, then the payload). The SIMD kernels reproduce this float order exactly. */
 static void q_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy, int32_t r0,
@@ -206,5 +217,10 @@ void pbs2p_q4_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, flo
     q_gemm_ref(w, K, act, y, ldy, r0, r1, 18, q4_block_dot);
 }
 
+void pbs2p_q3_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
+                       int32_t r0, int32_t r1) {
+    q_gemm_ref(w, K, act, y, ldy, r0, r1, 14, q3_block_dot);
+}
+
 const pbs2p_kernels pbs2p_kernels_ref = {"scalar", pbs2p_sb_gemm_ref, pbs2p_sb_sums_ref, pbs2p_q8_gemm_ref,
-                                         pbs2p_q4_gemm_ref};
+                                         pbs2p_q4_gemm_ref, pbs2p_q3_gemm_ref};

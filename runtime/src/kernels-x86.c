@@ -389,6 +389,23 @@ TARGET_AVX2 INLINE __m256i avx2_q4_weights(const uint8_t *blk) {
     return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
 }
 
+/* Q3 block -> 32 int8 weights in -4..3: the 8 low-part bytes broadcast to four 64-bit lanes shifted right by 0, 2,
+ * 4, 6 (lane k = elements 8k..8k+7), the 32 high bits spread to bytes (byte j of qh / 8 in lane j / 8, then bit j % 8
+ * tested by compare). */
+TARGET_AVX2 INLINE __m256i avx2_q3_weights(const uint8_t *blk) {
+    uint64_t lo;
+    uint32_t hi;
+    memcpy(&lo, blk + 2, 8);
+    memcpy(&hi, blk + 10, 4);
+    const __m256i l = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x((long long)lo), _mm256_set_epi64x(6, 4, 2, 0)),
+                                       _mm256_set1_epi8(3));
+    const __m256i sel = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i h = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)hi), sel), bit);
+    const __m256i h4 = _mm256_and_si256(_mm256_cmpeq_epi8(h, bit), _mm256_set1_epi8(4));
+    return _mm256_sub_epi8(_mm256_or_si256(l, h4), _mm256_set1_epi8(4));
+}
+
 /* int32 lanes summing to Σ w_j·x_j over one 32-value block: maddubs of |w| and sign(x, w) (maddubs needs an
  * unsigned left operand). */
 TARGET_AVX2 INLINE __m256i avx2_dot32(__m256i wv, __m256i xv) {
@@ -402,10 +419,14 @@ TARGET_AVX2 INLINE __m256i avx2_q4_block(const uint8_t *blk, const int8_t *x) {
     return avx2_dot32(avx2_q4_weights(blk), _mm256_loadu_si256((const __m256i *)x));
 }
 DEFINE_QGEMM(q8_gemm_avx2, TARGET_AVX2, avx2_q8_block, 34)
+TARGET_AVX2 INLINE __m256i avx2_q3_block(const uint8_t *blk, const int8_t *x) {
+    return avx2_dot32(avx2_q3_weights(blk), _mm256_loadu_si256((const __m256i *)x));
+}
 DEFINE_QGEMM(q4_gemm_avx2, TARGET_AVX2, avx2_q4_block, 18)
+DEFINE_QGEMM(q3_gemm_avx2, TARGET_AVX2, avx2_q3_block, 14)
 
 const pbs2p_kernels pbs2p_kernels_avx2_expand = {"avx2-expand", sb_gemm_avx2, sb_sums_avx2, q8_gemm_avx2,
-                                                 q4_gemm_avx2};
+                                                 q4_gemm_avx2, q3_gemm_avx2};
 
 /* -------------------------------------------------------------- AVX-512 --------------------------------- */
 
@@ -479,12 +500,18 @@ TARGET_AVX512VNNI INLINE __m256i vnni_q4_block(const uint8_t *blk, const int8_t 
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
 }
 DEFINE_QGEMM(q8_gemm_avx512vnni, TARGET_AVX512VNNI, vnni_q8_block, 34)
+TARGET_AVX512VNNI INLINE __m256i vnni_q3_block(const uint8_t *blk, const int8_t *x) {
+    const __m256i wv = avx2_q3_weights(blk);
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+}
 DEFINE_QGEMM(q4_gemm_avx512vnni, TARGET_AVX512VNNI, vnni_q4_block, 18)
+DEFINE_QGEMM(q3_gemm_avx512vnni, TARGET_AVX512VNNI, vnni_q3_block, 14)
 
 const pbs2p_kernels pbs2p_kernels_avx512_expand = {"avx512-expand", sb_gemm_avx512, sb_sums_avx512, q8_gemm_avx2,
-                                                   q4_gemm_avx2};
+                                                   q4_gemm_avx2, q3_gemm_avx2};
 const pbs2p_kernels pbs2p_kernels_avx512vnni_expand = {"avx512-expand", sb_gemm_avx512, sb_sums_avx512,
-                                                       q8_gemm_avx512vnni, q4_gemm_avx512vnni};
+                                                       q8_gemm_avx512vnni, q4_gemm_avx512vnni, q3_gemm_avx512vnni};
 /* ====================================================== popcount family ======================================
  *
  * docs/format.md: with u_j = q_j + 128 and X_k the bit-plane k of u over a 64-column word,
@@ -826,9 +853,9 @@ static void sb_sums_pop512_vnni(const pbs2p_sb_weight *w, const pbs2p_sb_act *ac
 }
 
 const pbs2p_kernels pbs2p_kernels_avx512 = {"avx512", sb_gemm_pop512, sb_sums_pop512, q8_gemm_avx2,
-                                            q4_gemm_avx2};
+                                            q4_gemm_avx2, q3_gemm_avx2};
 const pbs2p_kernels pbs2p_kernels_avx512vnni = {"avx512", sb_gemm_pop512_vnni, sb_sums_pop512_vnni,
-                                              q8_gemm_avx512vnni, q4_gemm_avx512vnni};
+                                              q8_gemm_avx512vnni, q4_gemm_avx512vnni, q3_gemm_avx512vnni};
 
 /* ------------------------------------------------------------ AVX2 popcount ----------------------------- */
 
@@ -936,6 +963,7 @@ static void sb_gemm_pop2(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, floa
     sb_gemm_drive(pop2_tile, contrib_avx2, rowsum_avx2, 8, w, act, y, ldy, r0, r1);
 }
 
-const pbs2p_kernels pbs2p_kernels_avx2 = {"avx2", sb_gemm_pop2, sb_sums_pop2, q8_gemm_avx2, q4_gemm_avx2};
+const pbs2p_kernels pbs2p_kernels_avx2 = {"avx2", sb_gemm_pop2, sb_sums_pop2, q8_gemm_avx2, q4_gemm_avx2,
+                                          q3_gemm_avx2};
 
 #endif

@@ -71,6 +71,11 @@ typedef void (*pbs2p_q8_gemm_fn)(const uint8_t *w, int32_t K, const pbs2p_q8_act
  * Σ (nibble − 8)·q_x, blocks ascending — the Q8_0 kernel's contract with 18-byte blocks. */
 typedef pbs2p_q8_gemm_fn pbs2p_q4_gemm_fn;
 
+/* Q3 (pbs2p's block, docs/format.md "Q3 blocks": f16 d, qs[8], qh[4]; element j has q = ((qs[j % 8] >> 2·(j / 8))
+ * & 3) | ((qh[j / 8] >> (j % 8)) & 1) << 2, value d·(q − 4)) × the same activations: the Q8_0 contract with 14-byte
+ * blocks. */
+typedef pbs2p_q8_gemm_fn pbs2p_q3_gemm_fn;
+
 /* Same contract and bit-identical output as pbs2p_sb_quantize_ref. */
 typedef void (*pbs2p_sb_quantize_fn)(pbs2p_sb_act *act, const float *x, int32_t K, int32_t t0, int32_t t1);
 
@@ -80,6 +85,7 @@ typedef struct pbs2p_kernels {
     pbs2p_sb_sums_fn sb_sums;
     pbs2p_q8_gemm_fn q8_gemm;
     pbs2p_q4_gemm_fn q4_gemm;
+    pbs2p_q3_gemm_fn q3_gemm;
 } pbs2p_kernels;
 
 /* The activation quantizer to pair with table k: a SIMD one where this build and CPU have it, else
@@ -96,6 +102,8 @@ void pbs2p_sb_sums_ref(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_
 void pbs2p_q8_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
                        int32_t r0, int32_t r1);
 void pbs2p_q4_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
+                       int32_t r0, int32_t r1);
+void pbs2p_q3_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, float *y, int64_t ldy,
                        int32_t r0, int32_t r1);
 extern const pbs2p_kernels pbs2p_kernels_ref;
 

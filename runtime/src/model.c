@@ -30,6 +30,12 @@ _Static_assert(GGML_TYPE_F32 == PBS2P_SPEC_TYPE_F32 && GGML_TYPE_F16 == PBS2P_SP
 /* ---------------------------------------------------------------------------------------------------------
  * Loading */
 
+/* pbs2p's Q3 block (docs/format.md "Q3 blocks") has no ggml type id: a linear stored as L.q3 (I8 bytes) gets this
+ * internal type, outside ggml's range. */
+#define TYPE_Q3 PBS2P_SPEC_QTYPE_Q3
+/* Dense types whose input is quantized to Q8_0 blocks (their kernels share pbs2p_q8_act). */
+static int q8_input(int32_t type) { return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0 || type == TYPE_Q3; }
+
 static const char *type_name(int32_t t) {
     switch (t) {
     case GGML_TYPE_F32: return "F32";
@@ -54,6 +60,7 @@ static const char *type_name(int32_t t) {
     case GGML_TYPE_BF16: return "BF16";
     case GGML_TYPE_TQ1_0: return "TQ1_0";
     case GGML_TYPE_TQ2_0: return "TQ2_0";
+    case TYPE_Q3: return "Q3 (pbs2p)";
     default: return "unknown";
     }
 }
@@ -125,7 +132,8 @@ static pbs2p_status bind_emb(const pbs2p_model *m, const char *name, int64_t row
     return PBS2P_OK;
 }
 
-/* Bind linear `prefix` of shape (R, K): exactly one of prefix.weight (dense) or .planes/.alpha/.mu. */
+/* Bind linear `prefix` of shape (R, K): exactly one of prefix.weight (dense), prefix.q3 (Q3 blocks) or
+ * .planes/.alpha/.mu. */
 static pbs2p_status bind_linear(pbs2p_model *m, const char *prefix, int32_t R, int32_t K, int need_bias,
                                 pbs2p_linear *L) {
     char name[96];
@@ -140,14 +148,28 @@ static pbs2p_status bind_linear(pbs2p_model *m, const char *prefix, int32_t R, i
     const gguf_tensor *ta = find_tensor(m, name);
     snprintf(name, sizeof name, "%s" PBS2P_SPEC_SUFFIX_MU, prefix);
     const gguf_tensor *tm = find_tensor(m, name);
+    snprintf(name, sizeof name, "%s" PBS2P_SPEC_SUFFIX_Q3, prefix);
+    const gguf_tensor *t3 = find_tensor(m, name);
     pbs2p_status st;
-    if (tw && (tp || ta || tm))
-        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "linear %s is stored both dense (.weight) and sparse-binary", prefix);
-    if (tw) {
+    if ((tw != NULL) + (t3 != NULL) + (tp || ta || tm) > 1)
+        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "linear %s is stored in more than one way (.weight, %s, .planes)", prefix,
+                          PBS2P_SPEC_SUFFIX_Q3);
+    if (t3) {
+        if (t3->type != GGML_TYPE_I8)
+            return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s has type %s, expected I8 (Q3 block bytes)", t3->name,
+                              type_name(t3->type));
+        if (K % 32 != 0)
+            return PBS2P_FAIL(PBS2P_ERR_FORMAT, "Q3 linear %s needs K %% 32 == 0, got K = %d", prefix, K);
+        if ((st = check_shape(t3, 2, R, (int64_t)(K / 32) * PBS2P_SPEC_Q3_BYTES, 0))) return st;
+        L->type = TYPE_Q3;
+        L->w = t3->data;
+        m->info.n_linear_bytes += (int64_t)t3->n_bytes;
+        m->info.param_bits += (double)R * K * 3;
+    } else if (tw) {
         if (tw->type != GGML_TYPE_F32 && tw->type != GGML_TYPE_F16 && tw->type != GGML_TYPE_Q8_0 &&
             tw->type != GGML_TYPE_Q4_0)
             return PBS2P_FAIL(PBS2P_ERR_UNSUPPORTED,
-                              "tensor %s has type %s (dense linears: F32, F16, Q8_0 or Q4_0; sparse-binary: .planes)",
+                              "tensor %s has type %s (dense linears: F32, F16, Q8_0 or Q4_0; Q3: .q3; sparse-binary: .planes)",
                               tw->name, type_name(tw->type));
         if ((st = check_shape(tw, 2, R, K, 0))) return st;
         if (tw->type == GGML_TYPE_F32 && !is_aligned(tw->data, 4))
@@ -196,7 +218,8 @@ static pbs2p_status bind_linear(pbs2p_model *m, const char *prefix, int32_t R, i
         for (int64_t i = 0; i < (int64_t)R * T * 2 * W; i++) bits += (uint64_t)__builtin_popcountll(L->sb.planes[i]);
         m->info.param_bits += (double)bits;
     } else {
-        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "missing linear %s (neither %s.weight nor %s.planes)", prefix, prefix, prefix);
+        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "missing linear %s (none of %s.weight, %s%s, %s.planes)", prefix, prefix,
+                          prefix, PBS2P_SPEC_SUFFIX_Q3, prefix);
     }
     m->info.n_linear_weights += (int64_t)R * K;
     snprintf(name, sizeof name, "%s.bias", prefix);
@@ -756,9 +779,11 @@ static void matmul_fn(void *arg, int32_t ith, int32_t nth) {
     if (r0 >= r1) return;
     if (L->is_sb) {
         t->ctx->kern->sb_gemm(&L->sb, &t->ctx->act, t->y, R, r0, r1);
-    } else if (L->type == GGML_TYPE_Q8_0 || L->type == GGML_TYPE_Q4_0) {
+    } else if (q8_input(L->type)) {
         pbs2p_q8_act a = {.n_tok = t->n_tok, .n_blocks = K / 32, .q = t->ctx->q8_q, .d = t->ctx->q8_d};
-        (L->type == GGML_TYPE_Q8_0 ? t->ctx->kern->q8_gemm : t->ctx->kern->q4_gemm)(L->w, K, &a, t->y, R, r0, r1);
+        const pbs2p_kernels *k = t->ctx->kern;
+        (L->type == GGML_TYPE_Q8_0 ? k->q8_gemm : L->type == GGML_TYPE_Q4_0 ? k->q4_gemm : k->q3_gemm)(L->w, K, &a, t->y,
+                                                                                                   R, r0, r1);
     } else if (L->type == GGML_TYPE_F16) {
         const uint16_t *w = L->w;
         for (int32_t r = r0; r < r1; r++)
@@ -773,7 +798,7 @@ static void matmul_fn(void *arg, int32_t ith, int32_t nth) {
             for (int32_t r = r0; r < r1; r++) t->y[(size_t)i * R + r] += L->bias[r];
 }
 
-/* Q8_0 and Q4_0 weights (dense linears, output head) take their input quantized to Q8_0 blocks in q8_q / q8_d. */
+/* Q8_0, Q4_0 and Q3 weights (dense linears, output head) take their input quantized to Q8_0 blocks in q8_q / q8_d. */
 static void q8_quantize(pbs2p_ctx *ctx, const float *x, int32_t K, int32_t n_tok) {
     pbs2p_q8_act a = {.n_tok = n_tok, .n_blocks = K / 32, .q = ctx->q8_q, .d = ctx->q8_d};
     pbs2p_q8_quantize_ref(&a, x, K, 0, n_tok);
@@ -783,7 +808,7 @@ static void q8_quantize(pbs2p_ctx *ctx, const float *x, int32_t K, int32_t n_tok
 static void linear(pbs2p_ctx *ctx, const pbs2p_linear *L, const float *x, float *y, int32_t n_tok, int prepared) {
     if (!prepared) {
         if (L->is_sb) quantize_input(ctx, x, L->n_in, n_tok);
-        else if (L->type == GGML_TYPE_Q8_0 || L->type == GGML_TYPE_Q4_0) q8_quantize(ctx, x, L->n_in, n_tok);
+        else if (q8_input(L->type)) q8_quantize(ctx, x, L->n_in, n_tok);
     }
     matmul_task t = {ctx, L, x, y, n_tok};
     pbs2p_pool_run(ctx->pool, matmul_fn, &t);
@@ -793,9 +818,7 @@ static void linear(pbs2p_ctx *ctx, const pbs2p_linear *L, const float *x, float 
 static int same_quant(const pbs2p_linear *a, const pbs2p_linear *b) {
     if (a->is_sb != b->is_sb) return 0;
     if (a->is_sb) return 1;
-    const int qa = a->type == GGML_TYPE_Q8_0 || a->type == GGML_TYPE_Q4_0;
-    const int qb = b->type == GGML_TYPE_Q8_0 || b->type == GGML_TYPE_Q4_0;
-    return qa && qb;  /* both read the same Q8_0-quantized input */
+    return q8_input(a->type) && q8_input(b->type);  /* both read the same Q8_0-quantized input */
 }
 
 static void rmsnorm(float *o, const float *x, const float *w, int32_t n, float eps) {

@@ -34,7 +34,7 @@ typedef struct pbs2p_config {
 typedef struct pbs2p_linear {
     int32_t n_out, n_in;
     int32_t is_sb;
-    int32_t type;                /* ggml type of a dense weight */
+    int32_t type;                /* ggml type of a dense weight, or PBS2P_SPEC_QTYPE_Q3 (a .q3 linear) */
     const void *w;               /* dense: (R, K) rows in the mapping */
     pbs2p_sb_weight sb;          /* sparse-binary: pointers into the mapping */
     float *bias;                 /* (R,) f32 copy, or NULL */

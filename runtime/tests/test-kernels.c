@@ -138,10 +138,12 @@ static void test_sb(int32_t K, int32_t R, int32_t n_tok, int32_t bs, int32_t M, 
     free_weight(&c);
 }
 
-/* Q8_0 (q4 = 0) or Q4_0 (q4 = 1) weights × Q8_0 activations: every SIMD table equals the reference. */
-static void test_q8(int32_t K, int32_t R, int32_t n_tok, int q4) {
+/* Q8_0 (kind 0), Q4_0 (1) or Q3 (2) weights × Q8_0 activations: every SIMD table equals the reference. */
+static void test_q8(int32_t K, int32_t R, int32_t n_tok, int kind) {
+    static const char *const names[3] = {"q8", "q4", "q3"};
+    static const pbs2p_q8_gemm_fn refs[3] = {pbs2p_q8_gemm_ref, pbs2p_q4_gemm_ref, pbs2p_q3_gemm_ref};
     const int32_t nb = K / 32;
-    const size_t bytes = q4 ? 18 : 34;
+    const size_t bytes = kind == 2 ? 14 : kind == 1 ? 18 : 34;
     uint8_t *w = xalloc((size_t)R * nb * bytes);
     for (size_t b = 0; b < (size_t)R * nb; b++) {
         uint16_t d = rand_f16();
@@ -155,14 +157,14 @@ static void test_q8(int32_t K, int32_t R, int32_t n_tok, int q4) {
     const size_t n_y = (size_t)n_tok * (R + 1);
     float *y_ref = xalloc(n_y * 4), *y_k = xalloc(n_y * 4);
     memset(y_ref, 0x7f, n_y * 4);
-    (q4 ? pbs2p_q4_gemm_ref : pbs2p_q8_gemm_ref)(w, K, &act, y_ref, R + 1, r0, r1);
+    refs[kind](w, K, &act, y_ref, R + 1, r0, r1);
     for (int k = 0; k < N_SIMD; k++) {
         const pbs2p_kernels *kern = pbs2p_kernels_find(simd_names[k]);
         if (kern == NULL) continue;
         memset(y_k, 0x7f, n_y * 4);
-        (q4 ? kern->q4_gemm : kern->q8_gemm)(w, K, &act, y_k, R + 1, r0, r1);
+        (kind == 2 ? kern->q3_gemm : kind == 1 ? kern->q4_gemm : kern->q8_gemm)(w, K, &act, y_k, R + 1, r0, r1);
         CHECK(memcmp(y_ref, y_k, n_y * 4) == 0, "%s %s_gemm K=%d R=%d [%d,%d) n_tok=%d", kern->name,
-              q4 ? "q4" : "q8", K, R, r0, r1, n_tok);
+              names[kind], K, R, r0, r1, n_tok);
     }
     free(y_ref);
     free(y_k);
@@ -170,6 +172,40 @@ static void test_q8(int32_t K, int32_t R, int32_t n_tok, int q4) {
     free(act.d);
     free(x);
     free(w);
+}
+
+/* Q3 layout pinned in every table: one block of d = 1 whose element j holds q and every other element 4 (value 0)
+ * sums to (q − 4)·x_j, for every j and q (docs/format.md, "Q3 blocks"). */
+static void test_q3_layout(void) {
+    float x[32];
+    for (int j = 0; j < 32; j++) x[j] = (float)(j + 1) * (j % 2 ? -1.0f : 1.0f);
+    pbs2p_q8_act act = {1, 1, xalloc(32), xalloc(4)};
+    pbs2p_q8_quantize_ref(&act, x, 32, 0, 1);
+    for (int k = 0; pbs2p_kernel_names[k] != NULL; k++) {
+        const pbs2p_kernels *kern = pbs2p_kernels_find(pbs2p_kernel_names[k]);
+        if (kern == NULL) continue;
+        int bad = 0;
+        for (int j = 0; j < 32 && !bad; j++)
+            for (int q = 0; q < 8 && !bad; q++) {
+                uint8_t blk[14] = {0x00, 0x3c}; /* d = 1.0 (f16 0x3c00, little-endian) */
+                for (int e = 0; e < 32; e++) {
+                    const int v = e == j ? q : 4;
+                    blk[2 + e % 8] |= (uint8_t)((v & 3) << (2 * (e / 8)));
+                    blk[10 + e / 8] |= (uint8_t)(((v >> 2) & 1) << (e % 8));
+                }
+                float y = 0.0f;
+                kern->q3_gemm(blk, 32, &act, &y, 1, 0, 1);
+                const float want = act.d[0] * (float)((q - 4) * act.q[j]);
+                if (y != want) {
+                    bad = 1;
+                    CHECK(0, "%s q3 layout: element %d q %d gives %g, want %g", kern->name, j, q, (double)y,
+                          (double)want);
+                }
+            }
+        if (!bad) CHECK(1, "%s q3 layout", kern->name);
+    }
+    free(act.q);
+    free(act.d);
 }
 
 /* Weight bit j alone (pos or neg plane), activations all nonzero: the block of j sums to exactly q_j,
@@ -343,9 +379,12 @@ int main(void) {
             if (quick && ri % 2) continue;
             test_q8(Kq[ki], rows[ri], toks[idx % 4], 0);
             test_q8(Kq[ki], rows[ri], toks[(idx + 1) % 4], 1);
+            test_q8(Kq[ki], rows[ri], toks[(idx + 2) % 4], 2);
         }
     test_q8(576, 65, 9, 0);
     test_q8(576, 65, 9, 1);
+    test_q8(576, 65, 9, 2);
+    test_q3_layout();
 
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
