@@ -3,8 +3,11 @@ windows. Its file's SHA-256 and the C runtime's greedy tokens are pinned: a refa
 byte, or the runtime's arithmetic, fails here and must say why in its commit (then update the constants with
 `python3 tests/test_golden.py`). The PyTorch fake-quant model must decode the same tokens.
 
-The pins hold for the pinned torch (2.13.0, CPU) and transformers; another build of torch may round the solver's
-float32 math differently, which changes the bytes (not their validity: every other test checks those)."""
+The pins hold for the pinned torch (2.13.0, CPU) and transformers. The solver's float32 math rounds differently
+under each of torch's CPU kernel sets (AVX2 and AVX-512 sum in different orders), so the SHA-256 is pinned per
+`torch.backends.cpu.get_cpu_capability()`; on a capability with no pin the tokens are still checked and the hash is
+printed to pin. Another build of torch may change the bytes too (not their validity: every other test checks
+those)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-GOLDEN_SHA256 = "71ffc91c2f5b1968f0731fd230c7daef586858053d92a7fe93507f069096869d"
+GOLDEN_SHA256 = {"AVX512": "71ffc91c2f5b1968f0731fd230c7daef586858053d92a7fe93507f069096869d",
+                 "AVX2": "829c508ed3789d1ee909aba1ce66bf26838ab712aa82887acd46f32039ce07ee"}
 GOLDEN_TOKENS: list[int] = [249, 69, 197, 190, 214, 189, 278, 75, 249, 69, 234, 249, 10, 50, 197, 190, 214, 189, 278, 75,
                             213, 231, 57, 313]
 PROMPT = "The quick brown fox"
@@ -55,7 +59,13 @@ def test_golden_export(tmp_path):
     sha, c_tokens, torch_tokens = build(tmp_path / "golden.bin")
     assert c_tokens == torch_tokens, (c_tokens, torch_tokens)
     assert c_tokens == GOLDEN_TOKENS, c_tokens
-    assert sha == GOLDEN_SHA256, sha
+    import pytest
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in GOLDEN_SHA256:
+        pytest.skip(f"tokens match; no SHA-256 pinned for torch CPU capability {cap}: this build gives {sha}")
+    assert sha == GOLDEN_SHA256[cap], (cap, sha)
 
 
 if __name__ == "__main__":  # print the values to pin
@@ -64,4 +74,6 @@ if __name__ == "__main__":  # print the values to pin
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     with tempfile.TemporaryDirectory() as d:
         sha, c_tokens, torch_tokens = build(Path(d) / "golden.bin")
-    print(f'GOLDEN_SHA256 = "{sha}"\nGOLDEN_TOKENS: list[int] = {c_tokens}\n# PyTorch: {torch_tokens}')
+    import torch
+
+    print(f'GOLDEN_SHA256["{torch.backends.cpu.get_cpu_capability()}"] = "{sha}"\nGOLDEN_TOKENS: list[int] = {c_tokens}\n# PyTorch: {torch_tokens}')
