@@ -77,26 +77,20 @@ class Result:
         (exporter/gguf_llama.py); returns its record (codes, re-encoding loss) with the pbs2p file's counts."""
         if format not in OUT_FORMATS:
             raise ExportError(f"--format {format!r}: choose one of {', '.join(OUT_FORMATS)}")
-        if format == "hf":
+        if format in ("hf", "gguf-llama"):  # built from the pbs2p file, written to a temporary folder first
             import tempfile
 
-            from . import hf_export
+            from . import gguf_llama, hf_export
 
-            check_out(path, force, folder=True)
+            check_out(path, force, folder=format == "hf")
             with tempfile.TemporaryDirectory() as d:
                 f = Path(d) / "model.pbs2p"
                 writer.write(self, f, False)
-                record = hf_export.save_hf(f, path, tokenizer=self.loaded.tokenizer, force=force)
-        elif format == "gguf-llama":
-            import tempfile
-
-            from . import gguf_llama
-
-            check_out(path, force)
-            with tempfile.TemporaryDirectory() as d:
-                f = Path(d) / "model.pbs2p"
-                writer.write(self, f, False)
-                record = {**fmt.ModelFile(f).storage(), "gguf_llama": gguf_llama.save_gguf_llama(f, path, force=force)}
+                if format == "hf":
+                    record = hf_export.save_hf(f, path, tokenizer=self.loaded.tokenizer, force=force)
+                else:
+                    record = {**fmt.ModelFile(f).storage(),
+                              "gguf_llama": gguf_llama.save_gguf_llama(f, path, force=force)}
         else:
             writer.write(self, path, force)
             record = fmt.ModelFile(path).storage()
@@ -404,11 +398,9 @@ def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | 
     loaded = load_model(model, tokenizer)
     fam = arch.family_of(loaded.model.config)
     if out_format == "gguf-llama":
-        from .gguf_llama import STOCK_ARCH
+        from .gguf_llama import check_family
 
-        if fam.name not in STOCK_ARCH:
-            raise ExportError(f"--format gguf-llama: llama.cpp has no {fam.name} architecture "
-                              f"(families it runs: {', '.join(STOCK_ARCH)})")
+        check_family(fam.name)
     cfg.plan_shapes_check({f"blk.{li}.{g}": tuple(lin.weight.shape) for li, layer in
                            enumerate(arch.blocks(loaded.model, fam)) for _, g, lin in arch.block_linears(layer, fam)})
     set_determinism(cfg.seed)

@@ -26,12 +26,22 @@ import numpy as np
 
 from pbs2p import format as fmt
 
+from .config import ExportError
+
 STOCK_ARCH = {"llama": "llama", "qwen2": "qwen2"}  # pbs2p family -> llama.cpp general.architecture
 PRE_NAMES = {"gpt2": "gpt-2"}  # pre-tokenizer names pbs2p spells otherwise than llama.cpp (the same GPT-2 regex)
 
 
-class GgufLlamaError(ValueError):
+class GgufLlamaError(ExportError):
     pass
+
+
+def check_family(family: str | None) -> str:
+    """llama.cpp's architecture name for a pbs2p family, or GgufLlamaError naming the families it runs."""
+    if family not in STOCK_ARCH:
+        raise GgufLlamaError(f"--format gguf-llama: llama.cpp has no {family} architecture "
+                             f"(families it runs: {', '.join(STOCK_ARCH)})")
+    return STOCK_ARCH[family]
 
 
 def _linear_of(name: str, linears: set[str]) -> str | None:
@@ -44,10 +54,7 @@ def save_gguf_llama(path: str | os.PathLike[str], out: str | os.PathLike[str], f
     "linear_weights", "storage_bpw" (of this file, counted as ModelFile.storage counts), "linears": {code: count},
     "reencoded": [(linear, stock type, relative error), ...], "max_rel_err"}."""
     mf = fmt.ModelFile(path)
-    if mf.family not in STOCK_ARCH:
-        raise GgufLlamaError(f"--format gguf-llama: llama.cpp has no {mf.family} architecture "
-                             f"(families it runs: {', '.join(STOCK_ARCH)})")
-    arch = STOCK_ARCH[mf.family]
+    arch = check_family(mf.family)
     src = mf.arch + "."
     linears = set(mf.linear_prefixes())
     counts: dict[str, int] = {}
@@ -73,28 +80,32 @@ def save_gguf_llama(path: str | os.PathLike[str], out: str | os.PathLike[str], f
             if mf.is_sb(pre):
                 sb = mf.sb(pre)
                 x = fmt.dequantize_sb(sb).astype(np.float32)
-                gtype = fmt.GGMLType.Q8_0 if sb.n_in % fmt.Q8_0_BLOCK == 0 else fmt.GGMLType.F16
-                w.add_dense(wname, x, gtype)
-                nbytes = x.size // fmt.Q8_0_BLOCK * fmt.Q8_0_BYTES if gtype == fmt.GGMLType.Q8_0 else 2 * x.size
-                y = fmt.dequantize_q8_0(fmt.quantize_q8_0(x), sb.n_in) if gtype == fmt.GGMLType.Q8_0 else \
-                    x.astype(np.float16).astype(np.float32)
+                if sb.n_in % fmt.Q8_0_BLOCK == 0:
+                    gtype, data = fmt.GGMLType.Q8_0, fmt.quantize_q8_0(x)
+                    y = fmt.dequantize_q8_0(data, sb.n_in)
+                else:
+                    gtype, data = fmt.GGMLType.F16, x.astype(np.float16)
+                    y = data.astype(np.float32)
+                w.add_raw(wname, data, gtype)
+                nbytes, n = data.nbytes, x.size
                 err = float(np.linalg.norm(y - x) / max(float(np.linalg.norm(x)), 1e-30))
                 reencoded.append((pre, gtype.name, err))
                 code = "sparse-binary -> " + gtype.name
             elif mf.is_q3(pre):
-                d, q = fmt.q3_integers(mf.q3(pre).data, mf.n_in(pre))
+                q3 = mf.q3(pre)
+                d, q = fmt.q3_integers(q3.data, q3.n_in)
                 ql = fmt.pack_q(fmt.QType.Q4_0, d, q.astype(np.int16) + 4)
                 w.add_q(pre, ql)
-                nbytes = ql.nbytes()
+                nbytes, n = ql.nbytes(), q.size
                 code = "Q3 -> Q4_0"
             else:
                 t = mf.tensors[wname]
                 w.add_raw(wname, np.asarray(t.data), int(t.tensor_type))
-                nbytes = int(t.n_bytes)
+                nbytes, n = int(t.n_bytes), int(np.prod([int(x) for x in t.shape]))
                 code = fmt.GGMLType(int(t.tensor_type)).name
             counts[code] = counts.get(code, 0) + 1
             lin_bytes += nbytes
-            lin_weights += mf.linear_weights(pre)[0]
+            lin_weights += n
     return {"file_bytes": Path(out).stat().st_size, "linear_bytes": lin_bytes, "linear_weights": lin_weights,
             "storage_bpw": 8.0 * lin_bytes / max(lin_weights, 1), "linears": counts, "reencoded": reencoded,
             "max_rel_err": max((e for _, _, e in reencoded), default=0.0)}
