@@ -45,6 +45,7 @@ class SolverConfig:
     salient: bool = False        # second binary term on salient columns (BiLLM/ARB style)
     residual: bool = False       # second binary term on every kept weight, both terms refit jointly (_refine2)
     compensate: bool = True      # GPTQ block error compensation
+    symmetric: bool = False      # μ = 0 in every fit (W ≈ Σ α_t·B_t): the code stock ternary types and 2-bit ONNX hold
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -139,11 +140,14 @@ def _sgn(x: torch.Tensor) -> torch.Tensor:
     return (x >= 0).to(x.dtype).mul_(2).sub_(1)
 
 
-def _closed_form(W: torch.Tensor, B: torch.Tensor, n: torch.Tensor, q: torch.Tensor):
+def _closed_form(W: torch.Tensor, B: torch.Tensor, n: torch.Tensor, q: torch.Tensor, symmetric: bool = False):
     """Least-squares α, μ of W ≈ αB + μ over the kept entries, per row, with B already 0 on pruned entries:
     n kept count, s = ΣB, p = ΣW·B, q = ΣW (kept);  α = (n·p − s·q)/(n² − s²),  μ = (n·q − s·p)/(n² − s²).
-    When n² = s² (all kept B equal, or nothing kept) only αB + μ is determined: take μ = 0, α = p/n."""
+    When n² = s² (all kept B equal, or nothing kept) only αB + μ is determined: take μ = 0, α = p/n.
+    symmetric: μ = 0 and α = p/n (least squares of W ≈ αB, B = ±1 on the kept entries)."""
     s, p = B.sum(1), (W * B).sum(1)
+    if symmetric:
+        return p / n.clamp_min(1), torch.zeros_like(p)
     den = n * n - s * s
     ok = den > 0
     den = torch.where(ok, den, torch.ones_like(den))
@@ -152,16 +156,17 @@ def _closed_form(W: torch.Tensor, B: torch.Tensor, n: torch.Tensor, q: torch.Ten
     return alpha, mu
 
 
-def _refine(W: torch.Tensor, mf: torch.Tensor, iters: int, B: torch.Tensor | None = None):
+def _refine(W: torch.Tensor, mf: torch.Tensor, iters: int, B: torch.Tensor | None = None, symmetric: bool = False):
     """ARB alternation on the kept entries (mf = float mask): (α, μ) ← closed form for B;
     B ← sign((W − μ)·α). Each half-step is optimal given the other, so the error never increases; stops early
     when B is a fixed point. Without a starting B, start from BiLLM's one-shot binarizer μ = mean W,
     B = sign(W − μ), α = mean |W − μ| (returned as is if iters == 0). Returns α, μ (R,) and B (R, c) with
-    B = 0 on pruned entries; when iters > 0 the returned α, μ are the closed form of the returned B."""
+    B = 0 on pruned entries; when iters > 0 the returned α, μ are the closed form of the returned B. symmetric: μ = 0
+    throughout (then B = sign(W) is the fixed point and α = mean |W| over the kept entries)."""
     n = mf.sum(1)
     q = (W * mf).sum(1)
     if B is None:
-        mu = q / n.clamp_min(1)
+        mu = torch.zeros_like(q) if symmetric else q / n.clamp_min(1)
         Wc = W - mu[:, None]
         B = _sgn(Wc) * mf
         alpha = (Wc * B).sum(1) / n.clamp_min(1)
@@ -170,7 +175,7 @@ def _refine(W: torch.Tensor, mf: torch.Tensor, iters: int, B: torch.Tensor | Non
     else:
         B = B * mf
     for _ in range(max(iters, 1)):
-        alpha, mu = _closed_form(W, B, n, q)
+        alpha, mu = _closed_form(W, B, n, q, symmetric)
         if iters == 0:
             break
         B_new = _sgn((W - mu[:, None]) * alpha[:, None]) * mf
@@ -178,17 +183,17 @@ def _refine(W: torch.Tensor, mf: torch.Tensor, iters: int, B: torch.Tensor | Non
             break
         B = B_new
     else:
-        alpha, mu = _closed_form(W, B, n, q)
+        alpha, mu = _closed_form(W, B, n, q, symmetric)
     return alpha, mu, B
 
 
 def _refine2(W: torch.Tensor, mf: torch.Tensor, B0: torch.Tensor, B1: torch.Tensor, x: torch.Tensor,
-             iters: int):
+             iters: int, symmetric: bool = False):
     """Two binary terms on the kept entries, W ≈ μ + α_0·B_0 + α_1·B_1 (four levels per row), by alternation:
     (μ, α_0, α_1) ← least squares for the signs (3×3 normal equations per row);
     B_0 ← sign(α_0·(W − μ − α_1B_1)); B_1 ← sign(α_1·(W − μ − α_0B_0)). Each step is optimal given the rest,
     so the error never increases; a row whose system is singular keeps its previous fit. x (R, 3) = (μ, α_0, α_1)
-    of the starting fit.
+    of the starting fit. symmetric: μ fixed at 0 (its equation replaced by μ = 0).
     Returns α_0, α_1, μ (R,), B_0, B_1."""
     n = mf.sum(1)
     q = (W * mf).sum(1)
@@ -198,6 +203,8 @@ def _refine2(W: torch.Tensor, mf: torch.Tensor, B0: torch.Tensor, B1: torch.Tens
         A = torch.stack([torch.stack([n, s0, s1], -1), torch.stack([s0, n, s01], -1),
                          torch.stack([s1, s01, n], -1)], -2).double()
         y = torch.stack([q, (W * B0).sum(1), (W * B1).sum(1)], -1).double()
+        if symmetric:
+            A[:, 0, :], A[:, :, 0], A[:, 0, 0], y[:, 0] = 0.0, 0.0, 1.0, 0.0
         x, info = torch.linalg.solve_ex(A, y)
         return x.float(), (info == 0) & torch.isfinite(x).all(-1)
 
@@ -263,7 +270,7 @@ def _spbo(W: torch.Tensor, wt: torch.Tensor, cfg: SolverConfig):
     mask = torch.ones_like(W, dtype=torch.bool)
     if p and tau == 0:
         mask = _nm_prune(_static_score(W, wt, cfg.score), mask, p, cfg.m)
-    alpha, mu, B = _refine(W, mask.to(W.dtype), cfg.arb_iters)
+    alpha, mu, B = _refine(W, mask.to(W.dtype), cfg.arb_iters, symmetric=cfg.symmetric)
     if tau == 0:
         return mask, alpha, mu, B
     for k in range(1, tau + 1):
@@ -271,7 +278,7 @@ def _spbo(W: torch.Tensor, wt: torch.Tensor, cfg: SolverConfig):
         resid = W - mu[:, None] - alpha[:, None] * B
         gain = (W * W - resid * resid) * wt
         mask = _nm_prune(gain, mask, cnt, cfg.m)
-        alpha, mu, B = _refine(W, mask.to(W.dtype), cfg.arb_iters, B)
+        alpha, mu, B = _refine(W, mask.to(W.dtype), cfg.arb_iters, B, cfg.symmetric)
     return mask, alpha, mu, B
 
 
@@ -326,7 +333,8 @@ def _fit_block(W: torch.Tensor, d: torch.Tensor, xnorm: torch.Tensor, cfg: Solve
             mask = _nm_prune(score, full, p, cfg.m)
         else:
             mask = full
-        alpha, mu, B = _refine(W, mask.to(W.dtype), 0 if cfg.method == "billm" else cfg.arb_iters)
+        alpha, mu, B = _refine(W, mask.to(W.dtype), 0 if cfg.method == "billm" else cfg.arb_iters,
+                               symmetric=cfg.symmetric)
     mf = mask.to(W.dtype)
     a0, mu = _f16(alpha), _f16(mu)
     term0 = B * mf
@@ -339,7 +347,8 @@ def _fit_block(W: torch.Tensor, d: torch.Tensor, xnorm: torch.Tensor, cfg: Solve
         r = W - base
         term1 = _sgn(r) * mf
         a1 = (r.abs() * mf).sum(1) / mf.sum(1).clamp_min(1)
-        a0, a1, mu, term0, term1 = _refine2(W, mf, term0, term1, torch.stack([mu, a0, a1], 1), cfg.arb_iters)
+        a0, a1, mu, term0, term1 = _refine2(W, mf, term0, term1, torch.stack([mu, a0, a1], 1), cfg.arb_iters,
+                                            cfg.symmetric)
         return torch.stack([term0, term1]), torch.stack([_f16(a0), _f16(a1)], 1), _f16(mu), c
     term1, a1, k = _salient_term(W, wt, base, mf)
     return torch.stack([term0, term1]), torch.stack([a0, a1], 1), mu, k

@@ -250,3 +250,23 @@ def test_cuda_matches_packed_file():
     res = compress_layer(W.cuda(), H.cuda(), SolverConfig(method="pbs2p", salient=True))
     assert res.w_hat.is_cuda
     assert torch.equal(res.w_hat.cpu(), torch.from_numpy(sb_value(res.terms, res.alpha, res.mu, 128)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("extra", [None, "residual", "salient"])
+def test_symmetric_fits_have_no_mu(method, extra):
+    """symmetric=True: μ = 0 in every block and term (the value is Σ α_t·B_t), the N:M structure kept; one term's
+    α is the least-squares scale of W ≈ α·B, Σ w·b / n per row block."""
+    W, H = make_layer(3)
+    kw = {} if extra is None else {extra: True}
+    sym = compress_layer(W.clone(), H, SolverConfig(method=method, symmetric=True, **kw))
+    assert not np.any(sym.mu)
+    kept = sym.terms[0] != 0
+    R, K = W.shape
+    np.testing.assert_array_equal(kept.reshape(R, K // 8, 8).sum(-1), 6)
+    if extra is None and method in ("arb", "stbllm"):  # no compensation within the block: α is W's own fit
+        cfg = SolverConfig(method=method, symmetric=True, compensate=False)
+        res = compress_layer(W.clone(), H, cfg)
+        t = torch.from_numpy(res.terms[0].astype(np.float32))
+        a = (W[:, :128] * t[:, :128]).sum(1) / t[:, :128].abs().sum(1)
+        torch.testing.assert_close(torch.from_numpy(res.alpha[:, 0, 0].astype(np.float32)), a.half().float())
