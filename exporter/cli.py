@@ -29,9 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", "-o", required=True, help="output file, or folder for --format hf (written atomically)")
     ap.add_argument("--format", default="pbs2p", choices=driver.OUT_FORMATS,
                     help="pbs2p (the packed file, default), hf (a transformers folder holding the weights that file "
-                         "would hold, float32, for lm-eval-harness and transformers) or gguf-llama (a GGUF stock "
-                         "llama.cpp runs: Q8_0/Q4_0 as they are, Q3 as Q4_0, binary linears re-encoded in Q8_0 "
-                         "with the loss printed)")
+                         "would hold, float32, for lm-eval-harness and transformers), gguf-llama (a GGUF stock "
+                         "llama.cpp runs: Q8_0/Q4_0 as they are, Q3 as Q4_0, binary linears in TQ2_0 where they "
+                         "map exactly, else re-encoded in Q8_0 with the loss printed) or onnx (an onnxruntime graph "
+                         "with a KV cache, every linear an exact MatMulNBits)")
+    ap.add_argument("--ternary-type", default="tq2_0", choices=("tq2_0", "tq1_0"),
+                    help="--format gguf-llama: llama.cpp type of the binary linears that map exactly (default tq2_0)")
+    ap.add_argument("--onnx-accuracy-level", type=int, default=0, choices=(0, 4),
+                    help="--format onnx: MatMulNBits accuracy_level, 0 = float32 activations (the fake-quant "
+                         "model's logits; default), 4 = onnxruntime quantizes activations to int8 (faster)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ap.add_argument("--method", default=None, choices=METHODS,
                     help="pbs2p (default), the baselines sign/billm/arb/stbllm, fp16 (dense F16, no quantization), or "
@@ -64,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--score", default="obs", choices=("obs", "magnitude"), help="fine-stage pruning score")
     ap.add_argument("--steps", default="auto", help="SPBO steps: auto (M - N, default), 1 (one-shot), 0 (static mask, then binarize)")
     ap.add_argument("--salient", action="store_true", help="second binary term on salient columns (costs bits)")
+    ap.add_argument("--symmetric", action="store_true",
+                    help="binary fits without the per-block mean mu (W ~ alpha*B): what ternary GGUF types and 2-bit "
+                         "ONNX hold exactly")
     ap.add_argument("--residual", action="store_true",
                     help="second binary term on every kept weight (same file bytes as --salient)")
     ap.add_argument("--no-compensate", action="store_true", help="ablation: no GPTQ-style error compensation")
@@ -86,7 +95,8 @@ def config_from_args(a: argparse.Namespace) -> QuantConfig:
         except ValueError:
             raise ExportError(f"--steps {a.steps!r}: use an integer >= 0 or auto") from None
     solver = solver_config(block_size=a.block_size, percdamp=a.percdamp, arb_iters=a.arb_iters, steps=steps,
-                           score=a.score, salient=a.salient, residual=a.residual, compensate=not a.no_compensate)
+                           score=a.score, salient=a.salient, residual=a.residual, compensate=not a.no_compensate,
+                           symmetric=a.symmetric)
     nsamples = a.nsamples if a.nsamples is not None else (calib.PAPER_NSAMPLES if a.paper else calib.DEFAULT_NSAMPLES)
     seqlen = a.seqlen if a.seqlen is not None else (calib.PAPER_SEQLEN if a.paper else calib.DEFAULT_SEQLEN)
     method = a.method or ("plan" if a.bpw is not None else "pbs2p")
@@ -110,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise calib.CalibrationError(f"--calib {cfg.calib}: no such file")
         if a.resume and a.no_checkpoint:
             raise ExportError("--resume and --no-checkpoint contradict each other")
-        result, stats = driver.export(a.model, a.out, cfg, force=a.force, resume=a.resume, format=a.format)
+        options = {"gguf-llama": {"ternary": a.ternary_type}, "onnx": {"accuracy_level": a.onnx_accuracy_level}}
+        result, stats = driver.export(a.model, a.out, cfg, force=a.force, resume=a.resume, format=a.format,
+                                      **options.get(a.format, {}))
     except KeyboardInterrupt:
         kept = ""
         if cfg is not None and cfg.checkpoint and (Path(cfg.checkpoint) / "meta.json").is_file():
@@ -127,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(gguf_llama.summary(stats["gguf_llama"]))
         print(f"wrote the llama.cpp GGUF {a.out} (the pbs2p file above, re-encoded) in {time.time() - t0:.1f} s")
+    elif a.format == "onnx":
+        from . import onnx_export
+
+        print(onnx_export.summary(stats["onnx"]))
+        print(f"wrote the ONNX model {a.out} (the pbs2p file above, in MatMulNBits) in {time.time() - t0:.1f} s")
     elif a.format == "hf":
         print(f"wrote the transformers folder {a.out} (float32 weights of the pbs2p file above; "
               f"AutoModelForCausalLM.from_pretrained loads it) in {time.time() - t0:.1f} s")

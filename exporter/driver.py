@@ -66,7 +66,8 @@ class Result:
     def model(self) -> Any:
         return self.loaded.model
 
-    def save(self, path: str | os.PathLike[str], force: bool = False, format: str = "pbs2p") -> dict[str, Any]:
+    def save(self, path: str | os.PathLike[str], force: bool = False, format: str = "pbs2p",
+             **options: Any) -> dict[str, Any]:
         """Write the result (temporary name + rename; an existing path needs force) and return its counts.
 
         format "pbs2p": the pbs2p file; returns ModelFile.storage (bytes and bits per weight counted from the file).
@@ -74,13 +75,18 @@ class Result:
         pbs2p file is written to a temporary folder first and read back; returns the folder's provenance record
         (the file's storage counts included).
         format "gguf-llama": a GGUF stock llama.cpp runs, built the same way from the pbs2p file
-        (exporter/gguf_llama.py); returns its record (codes, re-encoding loss) with the pbs2p file's counts."""
-        if format not in OUT_FORMATS:
-            raise ExportError(f"--format {format!r}: choose one of {', '.join(OUT_FORMATS)}")
-        if format in ("hf", "gguf-llama"):  # built from the pbs2p file, written to a temporary folder first
+        (exporter/gguf_llama.py); returns its record (codes, re-encoding loss) with the pbs2p file's counts.
+        format "onnx": an onnxruntime graph built the same way (exporter/onnx_export.py); returns its record
+        with the pbs2p file's counts. options: the format's own (FORMAT_OPTIONS: gguf-llama ternary="tq2_0" |
+        "tq1_0", onnx accuracy_level=0 | 4)."""
+        check_format(format, options)
+        if format in ("hf", "gguf-llama", "onnx"):  # built from the pbs2p file, written to a temporary folder first
             import tempfile
 
-            from . import gguf_llama, hf_export
+            from . import gguf_llama, hf_export, onnx_export
+
+            if format == "onnx":
+                onnx_export.check_onnx(runtime=False)
 
             check_out(path, force, folder=format == "hf")
             with tempfile.TemporaryDirectory() as d:
@@ -88,9 +94,13 @@ class Result:
                 writer.write(self, f, False)
                 if format == "hf":
                     record = hf_export.save_hf(f, path, tokenizer=self.loaded.tokenizer, force=force)
+                elif format == "onnx":
+                    record = {**fmt.ModelFile(f).storage(),
+                              "onnx": onnx_export.save_onnx(f, path, force=force, tokenizer=self.loaded.tokenizer,
+                                                            **options)}
                 else:
                     record = {**fmt.ModelFile(f).storage(),
-                              "gguf_llama": gguf_llama.save_gguf_llama(f, path, force=force)}
+                              "gguf_llama": gguf_llama.save_gguf_llama(f, path, force=force, **options)}
         else:
             writer.write(self, path, force)
             record = fmt.ModelFile(path).storage()
@@ -100,8 +110,19 @@ class Result:
         return record
 
 
-# what Result.save writes: the pbs2p file, a transformers folder of its weights, or a stock llama.cpp GGUF
-OUT_FORMATS = ("pbs2p", "hf", "gguf-llama")
+# what Result.save writes: the pbs2p file, a transformers folder of its weights, a stock llama.cpp GGUF, an ONNX graph
+OUT_FORMATS = ("pbs2p", "hf", "gguf-llama", "onnx")
+FORMAT_OPTIONS = {"pbs2p": (), "hf": (), "gguf-llama": ("ternary",), "onnx": ("accuracy_level",)}
+
+
+def check_format(format: str, options: dict[str, Any]) -> None:
+    """An unknown format, or an option the format does not take: ExportError (before any work)."""
+    if format not in OUT_FORMATS:
+        raise ExportError(f"--format {format!r}: choose one of {', '.join(OUT_FORMATS)}")
+    bad = sorted(set(options) - set(FORMAT_OPTIONS[format]))
+    if bad:
+        raise ExportError(f"--format {format} takes no option {', '.join(bad)} "
+                          f"(its options: {', '.join(FORMAT_OPTIONS[format]) or 'none'})")
 
 
 def log(msg: str) -> None:
@@ -401,6 +422,10 @@ def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | 
         from .gguf_llama import check_family
 
         check_family(fam.name)
+    elif out_format == "onnx":
+        from .onnx_export import check_onnx
+
+        check_onnx(runtime=False)
     cfg.plan_shapes_check({f"blk.{li}.{g}": tuple(lin.weight.shape) for li, layer in
                            enumerate(arch.blocks(loaded.model, fam)) for _, g, lin in arch.block_linears(layer, fam)})
     set_determinism(cfg.seed)
@@ -425,13 +450,12 @@ def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | 
 
 
 def export(model: Any, out: str | Path, cfg: QuantConfig, force: bool = False, resume: bool = False,
-           format: str = "pbs2p") -> tuple[Result, dict[str, Any]]:
-    """quantize() then save(out, format=): what pbs2p-export runs. Checks `out` before any work."""
-    if format not in OUT_FORMATS:
-        raise ExportError(f"--format {format!r}: choose one of {', '.join(OUT_FORMATS)}")
+           format: str = "pbs2p", **options: Any) -> tuple[Result, dict[str, Any]]:
+    """quantize() then save(out, format=, **options): what pbs2p-export runs. Checks `out` before any work."""
+    check_format(format, options)
     check_out(out, force, folder=format == "hf")
     result = quantize(model, cfg, resume=resume, force=force, out_format=format)
-    return result, result.save(out, force, format=format)
+    return result, result.save(out, force, format=format, **options)
 
 
 def check_out(out: str | Path, force: bool, folder: bool = False) -> None:

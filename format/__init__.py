@@ -15,7 +15,7 @@ Every public name of those modules is re-exported here: `from pbs2p import forma
 from .encoding import SbLinear, dequantize_sb, kept_fraction, pack_sb, param_bits, sb_value, unpack_sb
 from .plan import Plan, PlanEntry
 from .quants import (QTYPE_BYTES, QTYPE_OFFSET, QTYPE_RANGE, QLinear, dequantize_q3, dequantize_q4_0, dequantize_q8_0,
-                     pack_q, q3_integers, quantize_act, quantize_q4_0, quantize_q8_0, round_half_away)
+                     pack_q, q3_integers, q_integers, quantize_act, quantize_q4_0, quantize_q8_0, round_half_away)
 from .reader import ModelFile, field_value
 from .spec import *  # noqa: F401,F403 - the spec's constants are the package's
 from .spec import __all__ as _spec_all
@@ -23,7 +23,7 @@ from .writer import ModelWriter, chmod_umask
 
 __all__ = list(_spec_all) + [
     "SbLinear", "dequantize_sb", "kept_fraction", "pack_sb", "param_bits", "sb_value", "unpack_sb",
-    "QTYPE_BYTES", "QTYPE_OFFSET", "QTYPE_RANGE", "QLinear", "pack_q", "dequantize_q3", "q3_integers",
+    "QTYPE_BYTES", "QTYPE_OFFSET", "QTYPE_RANGE", "QLinear", "pack_q", "dequantize_q3", "q3_integers", "q_integers",
     "dequantize_q4_0", "dequantize_q8_0", "quantize_act",
     "quantize_q4_0", "quantize_q8_0", "round_half_away",
     "Plan", "PlanEntry", "ModelFile", "field_value", "ModelWriter", "chmod_umask",

@@ -81,6 +81,25 @@ QTYPE_RANGE = {QType.Q8_0: (-127, 127), QType.Q4_0: (0, 15), QType.Q3: (0, 7)}
 QTYPE_OFFSET = {QType.Q8_0: 0, QType.Q4_0: 8, QType.Q3: 4}
 
 
+def q_integers(data: np.ndarray, k: int, gtype: QType) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 / Q4_0 / Q3 bytes of rows of length k -> (d float16 (R, k/32), the stored integers q (R, k) int16: Q8_0
+    q (value d·q), Q4_0 the nibble (value d·(q − 8)), Q3 q (value d·(q − 4)); QTYPE_OFFSET gives the offset)."""
+    gtype = QType(gtype)
+    if k % Q8_0_BLOCK:
+        raise ValueError(f"K = {k} is not a multiple of {Q8_0_BLOCK}")
+    nb = k // Q8_0_BLOCK
+    b = np.asarray(data, dtype=np.uint8).reshape(-1, nb, QTYPE_BYTES[gtype])
+    d = b[..., :2].copy().view(np.float16)[..., 0]
+    if gtype == QType.Q3:
+        return d, q3_integers(data, k)[1].astype(np.int16)
+    if gtype == QType.Q8_0:
+        q = b[..., 2:].view(np.int8)
+    else:
+        body = b[..., 2:]
+        q = np.concatenate([body & 15, body >> 4], axis=-1)  # byte j: element j low, element j + 16 high
+    return d, q.reshape(b.shape[0], k).astype(np.int16)
+
+
 def q3_integers(data: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Q3 bytes of rows of length k -> (d float32 (R, k/32), q uint8 (R, k) in 0..7). Block: f16 d, qs[8], qh[4];
     element j: q = ((qs[j % 8] >> 2·(j // 8)) & 3) | ((qh[j // 8] >> (j % 8)) & 1) << 2."""

@@ -67,7 +67,7 @@ def test_hf_cli_and_refusals(tiny_model_factory, tmp_path, capsys):
     assert cli.main([src, "--out", str(out), "--format", "hf", "--force", "--nsamples", "4", "--seqlen", "32",
                      "-q"]) == 0
     with pytest.raises(SystemExit) as e:  # not a choice: argparse's usage error
-        cli.main([src, "--out", str(tmp_path / "x"), "--format", "onnx", "-q"])
+        cli.main([src, "--out", str(tmp_path / "x"), "--format", "tflite", "-q"])
     assert e.value.code == 2
 
 
