@@ -123,23 +123,20 @@ def save_gguf_llama(path: str | os.PathLike[str], out: str | os.PathLike[str], f
                 x = rows(pre, fmt.dequantize_sb(sb).astype(np.float32))
                 data = _ternary(x, TERNARY[ternary]) if sb.n_terms == 1 and not np.any(sb.mu) else None
                 if data is not None:
-                    w.add_raw(wname, data, TERNARY[ternary])
-                    code = f"sparse-binary -> {TERNARY[ternary].name} (exact)"
-                    counts[code] = counts.get(code, 0) + 1
-                    lin_bytes += data.nbytes
-                    lin_weights += x.size
-                    continue
-                if sb.n_in % fmt.Q8_0_BLOCK == 0:
-                    gtype, data = fmt.GGMLType.Q8_0, fmt.quantize_q8_0(x)
-                    y = fmt.dequantize_q8_0(data, sb.n_in)
+                    gtype = TERNARY[ternary]
+                    code = f"sparse-binary -> {gtype.name} (exact)"
                 else:
-                    gtype, data = fmt.GGMLType.F16, x.astype(np.float16)
-                    y = data.astype(np.float32)
+                    if sb.n_in % fmt.Q8_0_BLOCK == 0:
+                        gtype, data = fmt.GGMLType.Q8_0, fmt.quantize_q8_0(x)
+                        y = fmt.dequantize_q8_0(data, sb.n_in)
+                    else:
+                        gtype, data = fmt.GGMLType.F16, x.astype(np.float16)
+                        y = data.astype(np.float32)
+                    err = float(np.linalg.norm(y - x) / max(float(np.linalg.norm(x)), 1e-30))
+                    reencoded.append((pre, gtype.name, err))
+                    code = "sparse-binary -> " + gtype.name
                 w.add_raw(wname, data, gtype)
                 nbytes, n = data.nbytes, x.size
-                err = float(np.linalg.norm(y - x) / max(float(np.linalg.norm(x)), 1e-30))
-                reencoded.append((pre, gtype.name, err))
-                code = "sparse-binary -> " + gtype.name
             elif mf.is_q3(pre):
                 q3 = mf.q3(pre)
                 d, q = fmt.q3_integers(q3.data, q3.n_in)

@@ -73,24 +73,23 @@ def _version(s: str) -> tuple[int, ...]:
 
 def check_onnx(runtime: bool = True) -> tuple[Any, Any]:
     """(onnx, onnxruntime or None), or OnnxExportError naming the versions needed and how to install them."""
+    import importlib
+
     need = f"onnx>={'.'.join(map(str, MIN_ONNX))} and onnxruntime>={'.'.join(map(str, MIN_ORT))}"
-    try:
-        import onnx
-    except ImportError:
-        raise OnnxExportError(f"--format onnx needs {need}: pip install 'pbs2p[export]'") from None
-    if _version(onnx.__version__) < MIN_ONNX:
-        raise OnnxExportError(f"--format onnx: onnx {onnx.__version__} is too old (opset {OPSET} needs "
-                              f"onnx>={'.'.join(map(str, MIN_ONNX))})")
-    if not runtime:
-        return onnx, None
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise OnnxExportError(f"running the ONNX model needs {need}: pip install 'pbs2p[export]'") from None
-    if _version(ort.__version__) < MIN_ORT:
-        raise OnnxExportError(f"onnxruntime {ort.__version__} is too old: MatMulNBits with 2- and 8-bit weights "
-                              f"needs onnxruntime>={'.'.join(map(str, MIN_ORT))}")
-    return onnx, ort
+    wanted = [("onnx", MIN_ONNX, "--format onnx", f"opset {OPSET}")]
+    if runtime:
+        wanted.append(("onnxruntime", MIN_ORT, "running the ONNX model", "MatMulNBits with 2- and 8-bit weights"))
+    mods = []
+    for name, minimum, doing, why in wanted:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            raise OnnxExportError(f"{doing} needs {need}: pip install 'pbs2p[export]'") from None
+        if _version(mod.__version__) < minimum:
+            raise OnnxExportError(f"{name} {mod.__version__} is too old: {why} needs "
+                                  f"{name}>={'.'.join(map(str, minimum))}")
+        mods.append(mod)
+    return mods[0], (mods[1] if runtime else None)
 
 
 def _mnb_block(bs: int, k: int, bits: int) -> int:
@@ -158,16 +157,16 @@ class _Builder:
         self.lin_bytes = 0
         self.lin_weights = 0
         self.codes: dict[str, int] = {}
+        self.tables: dict[str, tuple[str, Any]] = {}
 
     # ---- weights -------------------------------------------------------------------------------------------
-    def mnb(self, x: str, name: str, q: np.ndarray, scales16: np.ndarray, bits: int, block: int,
-            count: bool = True) -> str:
+    def mnb(self, x: str, name: str, q: np.ndarray, scales16: np.ndarray, bits: int, block: int) -> str:
         """x · Ŵᵀ with Ŵ = (q − 2^(bits−1))·scale; q (R, K) integers, scales16 (R, ceil(K/block)) float16."""
         r, k = q.shape
-        b = self.g.init(name + ".B", _pack_mnb(q, bits, block, 1 << (bits - 1)))
+        packed = _pack_mnb(q, bits, block, 1 << (bits - 1))
+        b = self.g.init(name + ".B", packed)
         s16 = self.g.init(name + ".scales", scales16.reshape(-1))
-        if count:
-            self.lin_bytes += _pack_mnb_nbytes(r, k, bits, block) + scales16.nbytes
+        self.lin_bytes += packed.nbytes + scales16.nbytes
         s = self.g.op("Cast", [s16], to=self.g.onnx.TensorProto.FLOAT)
         return self.g.op("MatMulNBits", [x, b, s], domain="com.microsoft", K=k, N=r, bits=bits, block_size=block,
                          accuracy_level=self.acc)
@@ -230,7 +229,13 @@ class _Builder:
         return d, q.astype(np.uint8), 4
 
     def table(self, name: str) -> tuple[str, Any]:
-        """An embedding-format tensor -> ('q', (B, scales, bits, k)) for Q8_0 / Q4_0 or ('f', float initializer)."""
+        """An embedding-format tensor -> ('q', (B, scales, bits, k)) for Q8_0 / Q4_0 or ('f', float initializer);
+        parsed once (a tied head reuses the token table's initializers)."""
+        if name not in self.tables:
+            self.tables[name] = self._table(name)
+        return self.tables[name]
+
+    def _table(self, name: str) -> tuple[str, Any]:
         tt = self.mf.tensor_type(name)
         if tt in (fmt.GGMLType.Q8_0, fmt.GGMLType.Q4_0):
             d, q, bits = self.q_integers(name)
@@ -273,10 +278,6 @@ class _Builder:
         n = int(g.inits[b].dims[0])
         return g.op("MatMulNBits", [x, b, sf], domain="com.microsoft", K=k, N=n, bits=bits,
                     block_size=fmt.Q8_0_BLOCK, accuracy_level=self.acc, out="logits")
-
-
-def _pack_mnb_nbytes(r: int, k: int, bits: int, block: int) -> int:
-    return r * (-(-k // block)) * block * bits // 8
 
 
 def _rope_tables(mf: Any) -> tuple[np.ndarray, float]:

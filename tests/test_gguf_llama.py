@@ -157,6 +157,19 @@ def _llama_cpp_logits(path, tokens):
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
+def _llama_cpp_vs_runtime(src, dst, label):
+    """(worst |llama.cpp − C runtime| logit over the logit range, llama.cpp's logits, ours) on PROMPT_TOKENS: the
+    gguf-llama file dst in llama.cpp, the pbs2p file src in the C runtime."""
+    from pbs2p import Runtime
+
+    theirs = _llama_cpp_logits(dst, PROMPT_TOKENS)
+    with Runtime(src, threads=1) as rt:
+        ours = rt.logits(PROMPT_TOKENS)
+    worst = float(np.abs(theirs - ours).max()) / float(ours.max() - ours.min())
+    print(f"{label}: max |llama.cpp - pbs2p| = {worst:.4f} of the logit range")
+    return worst, theirs, ours
+
+
 @pytest.mark.parametrize("name", ["plan", "sb"])
 def test_llama_cpp_runs_it_like_the_c_runtime(files, name):
     """llama.cpp's logits on the gguf-llama file against the C runtime's on the pbs2p file, on a fixed 60-token
@@ -165,16 +178,9 @@ def test_llama_cpp_runs_it_like_the_c_runtime(files, name):
     models: worst logit within 0.59 % (plan, llama) and 0.27 % (6:8, qwen2) of the logit range; the llama file
     written without llama.cpp's Q/K row order (HF's rotate_half pairing fed to its interleaved rope) gave 1.44 %,
     which the 1 % bound refuses."""
-    from pbs2p import Runtime
-
     family, src, dst, _ = files[name]
     need(src.is_file(), "fixture missing")
-    theirs = _llama_cpp_logits(dst, PROMPT_TOKENS)
-    with Runtime(src, threads=1) as rt:
-        ours = rt.logits(PROMPT_TOKENS)
-    span = float(ours.max() - ours.min())
-    worst = float(np.abs(theirs - ours).max()) / span
-    print(f"{name}: max |llama.cpp - pbs2p| = {worst:.4f} of the logit range")
+    worst, theirs, ours = _llama_cpp_vs_runtime(src, dst, name)
     assert worst < 0.01, worst
     agree = float(np.mean(theirs.argmax(-1) == ours.argmax(-1)))
     assert agree >= 0.9, agree
@@ -216,12 +222,5 @@ def test_symmetric_binary_maps_to_ternary_exactly(tiny_model_factory, tmp_path, 
     assert len(rec2["reencoded"]) == 14
     with pytest.raises(gguf_llama.GgufLlamaError, match="ternary type 'tq3'"):
         gguf_llama.save_gguf_llama(src, tmp_path / "x.gguf", ternary="tq3")
-    from pbs2p import Runtime
-
-    theirs = _llama_cpp_logits(dst, PROMPT_TOKENS)
-    with Runtime(src, threads=1) as rt:
-        ours = rt.logits(PROMPT_TOKENS)
-    span = float(ours.max() - ours.min())
-    worst = float(np.abs(theirs - ours).max()) / span
-    print(f"{ternary}: max |llama.cpp - pbs2p| = {worst:.4f} of the logit range")
+    worst, _, _ = _llama_cpp_vs_runtime(src, dst, ternary)
     assert worst < 0.01, worst  # measured 0.68 % (the test above explains the bound)
