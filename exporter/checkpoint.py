@@ -6,7 +6,7 @@ A checkpoint is a folder (by default `OUT.ckpt` beside the output file):
     meta.json        version, fingerprint, calibration description, N per block, blocks done, their layer
                      records and block errors
     windows.npy      the calibration windows (int64), so a resumed run does not sample or read them again
-    blk-NNNN.npz     the packed linears of block NNNN (planes, alpha, mu per layer: exactly what the file holds)
+    blk-NNNN.npz     the packed linears of block NNNN (planes, alpha, mu and the N:M code's (N, M) per layer: what the file holds)
     inputs.pt        the next block's inputs (the compressed model's hidden states on the calibration windows)
 
 Every file is written to a temporary name and renamed, and meta.json is renamed last, after the block file and
@@ -33,7 +33,7 @@ import torch
 
 from pbs2p import format as fmt
 
-VERSION = 1
+VERSION = 2  # 2: a linear's .shape adds the N:M code's (N, M)
 # settings that do not change the file's bytes, so a resume may differ in them
 _NEUTRAL = {"progress", "device", "checkpoint"}
 
@@ -99,7 +99,7 @@ class Checkpoint:
             arrays[f"{g}.planes"] = sb.planes
             arrays[f"{g}.alpha"] = sb.alpha
             arrays[f"{g}.mu"] = sb.mu
-            arrays[f"{g}.shape"] = np.array([sb.n_out, sb.n_in, sb.block_size], dtype=np.int64)
+            arrays[f"{g}.shape"] = np.array([sb.n_out, sb.n_in, sb.block_size, *(sb.nm or (0, 0))], dtype=np.int64)
         _atomic(self.folder / f"blk-{li:04d}.npz", lambda f: np.savez(f, **arrays))
         _atomic(self.folder / "inputs.pt", lambda f: torch.save(next_inputs.detach().cpu(), f))
         self.meta["done"] = li + 1
@@ -152,8 +152,9 @@ class Checkpoint:
                 for key in z.files:
                     if key.endswith(".shape"):
                         g = key[: -len(".shape")]
-                        r, k, bs = (int(x) for x in z[key])
-                        sb = fmt.SbLinear(r, k, bs, z[f"{g}.planes"], z[f"{g}.alpha"], z[f"{g}.mu"])
+                        r, k, bs, n, m = (int(x) for x in z[key])  # n = m = 0: stored as planes
+                        sb = fmt.SbLinear(r, k, bs, z[f"{g}.planes"], z[f"{g}.alpha"], z[f"{g}.mu"],
+                                          (n, m) if m else None)
                         sb.validate()
                         out[g] = sb
                     elif key.endswith(".qshape"):

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--symmetric", action="store_true",
                     help="binary fits without the per-block mean mu (W ~ alpha*B): what ternary GGUF types and 2-bit "
                          "ONNX hold exactly")
+    ap.add_argument("--sb-code", default="planes", choices=("planes", "nm"),
+                    help="storage of one-term sparse-binary layers: two bit planes (2 bits/weight) or the N:M code "
+                         "(pattern index + one sign per kept weight: 1.375 bits/weight at 4:8-6:8, 1 dense; K %% 64 == 0)")
     ap.add_argument("--residual", action="store_true",
                     help="second binary term on every kept weight (same file bytes as --salient)")
     ap.add_argument("--no-compensate", action="store_true", help="ablation: no GPTQ-style error compensation")
@@ -96,7 +99,7 @@ def config_from_args(a: argparse.Namespace) -> QuantConfig:
             raise ExportError(f"--steps {a.steps!r}: use an integer >= 0 or auto") from None
     solver = solver_config(block_size=a.block_size, percdamp=a.percdamp, arb_iters=a.arb_iters, steps=steps,
                            score=a.score, salient=a.salient, residual=a.residual, compensate=not a.no_compensate,
-                           symmetric=a.symmetric)
+                           symmetric=a.symmetric, nm_code=a.sb_code == "nm")
     nsamples = a.nsamples if a.nsamples is not None else (calib.PAPER_NSAMPLES if a.paper else calib.DEFAULT_NSAMPLES)
     seqlen = a.seqlen if a.seqlen is not None else (calib.PAPER_SEQLEN if a.paper else calib.DEFAULT_SEQLEN)
     method = a.method or ("plan" if a.bpw is not None else "pbs2p")

@@ -65,7 +65,9 @@ def code_bytes(code: str, n_out: int, n_in: int, base: solver.SolverConfig) -> i
     if n_in % sc.m:
         return None
     t, w, nb = sc.n_terms, spec.n_words(n_in), spec.n_blocks(n_in, sc.block_size)
-    return n_out * (t * 2 * w * 8 + t * nb * 2 + nb * 2)
+    nm = sc.file_code(n_in)
+    bits = spec.nm_row_bytes(n_in, *nm) if nm else t * 2 * w * 8
+    return n_out * (bits + t * nb * 2 + nb * 2)
 
 
 def reachable(shapes: dict[str, tuple[int, int]], codes: tuple[str, ...], base: solver.SolverConfig
@@ -137,7 +139,7 @@ def solve(code: str, W: torch.Tensor, H: torch.Tensor, base: solver.SolverConfig
         return fmt.pack_q(r.gtype, r.d, r.q), r.w_hat, r.stats
     sc = code_solver(code, base) if code else base
     r = solver.compress_layer(W, H, sc)
-    return fmt.pack_sb(r.terms, r.alpha, r.mu, sc.block_size), r.w_hat, r.stats
+    return fmt.pack_sb(r.terms, r.alpha, r.mu, sc.block_size, sc.file_code(W.shape[1])), r.w_hat, r.stats
 
 
 def damage(kind: str, W: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, F: torch.Tensor | None) -> float:

@@ -46,6 +46,7 @@ class SolverConfig:
     residual: bool = False       # second binary term on every kept weight, both terms refit jointly (_refine2)
     compensate: bool = True      # GPTQ block error compensation
     symmetric: bool = False      # μ = 0 in every fit (W ≈ Σ α_t·B_t): the code stock ternary types and 2-bit ONNX hold
+    nm_code: bool = False        # store one-term layers with K % 64 == 0 in the N:M code (docs/format.md), not planes
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +75,10 @@ class SolverConfig:
     @property
     def n_terms(self) -> int:
         return 2 if (self.salient or self.residual or self.method == "billm") else 1
+
+    def file_code(self, n_in: int) -> tuple[int, int] | None:
+        """(N, M) of the N:M code a layer of input size n_in is stored in, or None: planes."""
+        return (self.n, self.m) if self.nm_code and self.n_terms == 1 and n_in % spec.WORD_BITS == 0 else None
 
 
 @dataclass

@@ -12,14 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from .encoding import SbLinear
+from .encoding import SbLinear, decode_nm
 from .quants import QLinear, dequantize_q4_0, dequantize_q8_0
 from .spec import (DEFAULT_BLOCK_SIZE, KEY_ARCHITECTURE, KEY_BLOCK_SIZE, KEY_FORMAT_VERSION, LINEAR_NAMES,
-                   Q8_0_BLOCK, SUFFIX_ALPHA, SUFFIX_MU, SUFFIX_PLANES, SUFFIX_Q3, SUFFIX_WEIGHT, FormatError,
-                   GGMLType, QType, family_of_arch, linear_n_in)
+                   NM_CODE_VERSION, Q8_0_BLOCK, SUFFIX_ALPHA, SUFFIX_MU, SUFFIX_PLANES, SUFFIX_Q3, SUFFIX_WEIGHT,
+                   FormatError, GGMLType, QType, family_of_arch, linear_n_in)
 
-# the tensors of one linear: blk.<i>.<linear>.<weight|planes|alpha|mu>
-LINEAR_TENSOR_RE = re.compile(r"^(blk\.\d+\.(?:%s))\.(weight|q3|planes|alpha|mu)$" % "|".join(LINEAR_NAMES))
+# the tensors of one linear: blk.<i>.<linear>.<weight|q3|planes|nm<N>of<M>|alpha|mu>
+LINEAR_TENSOR_RE = re.compile(r"^(blk\.\d+\.(?:%s))\.(weight|q3|planes|nm\d+of\d+|alpha|mu)$" % "|".join(LINEAR_NAMES))
+NM_SUFFIX_RE = re.compile(r"^\.nm(\d+)of(\d+)$")
 # the big tokenizer arrays, left out of ModelFile.kv (read them with ModelFile.value)
 TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                     "tokenizer.ggml.token_type")
@@ -183,8 +184,16 @@ class ModelFile:
                 out.append(m.group(1))
         return out
 
+    def nm_tensor(self, prefix: str) -> tuple[str, int, int] | None:
+        """(name, N, M) of the linear's N:M-code tensor, or None; FormatError when it has more than one."""
+        found = [(name, int(mm.group(1)), int(mm.group(2))) for name in self.tensors
+                 if name.startswith(prefix + ".") and (mm := NM_SUFFIX_RE.match(name[len(prefix):]))]
+        if len(found) > 1:
+            raise FormatError(f"linear {prefix} has {len(found)} N:M-code tensors ({', '.join(f[0] for f in found)})")
+        return found[0] if found else None
+
     def is_sb(self, prefix: str) -> bool:
-        return prefix + SUFFIX_PLANES in self.tensors
+        return prefix + SUFFIX_PLANES in self.tensors or self.nm_tensor(prefix) is not None
 
     def is_q3(self, prefix: str) -> bool:
         return prefix + SUFFIX_Q3 in self.tensors
@@ -207,14 +216,32 @@ class ModelFile:
 
     def sb(self, prefix: str) -> SbLinear:
         """One sparse-binary linear, validated against docs/format.md."""
-        missing = [s for s in (SUFFIX_PLANES, SUFFIX_ALPHA, SUFFIX_MU) if prefix + s not in self.tensors]
+        nmt = self.nm_tensor(prefix)
+        if nmt and prefix + SUFFIX_PLANES in self.tensors:
+            raise FormatError(f"sparse-binary linear {prefix} has both {SUFFIX_PLANES} and {nmt[0]}")
+        bits = SUFFIX_PLANES if nmt is None else nmt[0][len(prefix):]
+        missing = [s for s in (bits, SUFFIX_ALPHA, SUFFIX_MU) if prefix + s not in self.tensors]
         if missing:
             raise FormatError(f"sparse-binary linear {prefix} lacks its {', '.join(missing)} tensor")
-        planes = np.asarray(self.tensors[prefix + SUFFIX_PLANES].data).view(np.uint8)
         alpha = np.asarray(self.tensors[prefix + SUFFIX_ALPHA].data)
         mu = np.asarray(self.tensors[prefix + SUFFIX_MU].data)
-        sb = SbLinear(int(mu.shape[0]), self.n_in(prefix), self.block_size, planes, alpha, mu)
-        sb.validate()
+        k, nm = self.n_in(prefix), None
+        if nmt is None:
+            planes = np.asarray(self.tensors[prefix + SUFFIX_PLANES].data).view(np.uint8)
+        else:
+            name, n, m = nmt
+            if self.version is not None and int(self.version) < NM_CODE_VERSION:
+                raise FormatError(f"tensor {name}: the N:M code needs {KEY_FORMAT_VERSION} >= {NM_CODE_VERSION}, "
+                                  f"the file has {self.version}")
+            t = self.tensors[name]
+            if int(t.tensor_type) != GGMLType.I8:
+                raise FormatError(f"tensor {name}: type {t.tensor_type!r}, expected I8 (N:M code bytes)")
+            planes, nm = decode_nm(np.asarray(t.data), k, n, m), (n, m)
+        sb = SbLinear(int(mu.shape[0]), k, self.block_size, planes, alpha, mu, nm)
+        try:
+            sb.validate()
+        except ValueError as e:
+            raise FormatError(f"sparse-binary linear {prefix}: {e}") from None
         return sb
 
     def dense(self, name: str) -> np.ndarray:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from enum import IntEnum
 
 # --- container --------------------------------------------------------------------------------------------
-FORMAT_VERSION = 2            # written by this exporter; the runtime reads 1..FORMAT_VERSION
+FORMAT_VERSION = 3            # the newest version; the runtime reads MIN_FORMAT_VERSION..FORMAT_VERSION
 MIN_FORMAT_VERSION = 1
+NM_CODE_VERSION = 3           # the first version with N:M-coded linears (L.nm<N>of<M>)
+BASE_FORMAT_VERSION = 2       # written for a file without N:M-coded linears, so older readers keep reading it
 ALIGNMENT = 64                # general.alignment: every tensor's data starts at a multiple of 64 bytes
 
 # --- sparse-binary encoding -------------------------------------------------------------------------------
@@ -21,6 +23,38 @@ MAX_BLOCK_SIZE = 65536        # = the runtime's largest sparse-binary K
 WORD_BITS = 64                # plane word
 MAX_TERMS = 4                 # binary terms per linear the runtime accepts (1..4)
 ALLOWED_M = (4, 8)            # pbs2p.nm.m of a pruned file; 0 means no layer is pruned
+
+# --- the N:M code: a compact sparse-binary linear (docs/format.md, "The N:M code") ----------------------------
+SUFFIX_NM = ".nm"             # + "<N>of<M>": the tensor L.nm6of8 holds a 6:8 linear's pattern indices and signs
+
+
+def nm_patterns(n: int, m: int) -> tuple[int, ...]:
+    """The M-bit masks with N bits set, ascending: pattern index i stands for nm_patterns(n, m)[i] (bit c: column
+    c of the group kept)."""
+    return tuple(x for x in range(1 << m) if bin(x).count("1") == n)
+
+
+def nm_pattern_bits(n: int, m: int) -> int:
+    """Bits of one group's pattern index: ceil(log2 C(M, N)) (0 for N = M: every weight kept)."""
+    return (len(nm_patterns(n, m)) - 1).bit_length()
+
+
+def nm_row_bytes(k: int, n: int, m: int) -> int:
+    """Bytes of one row: K/M pattern indices of nm_pattern_bits bits, then K·N/M sign bits (K % 64 == 0)."""
+    return (k // m) * nm_pattern_bits(n, m) // 8 + (k // m) * n // 8
+
+
+def nm_suffix(n: int, m: int) -> str:
+    return f"{SUFFIX_NM}{n}of{m}"
+
+
+def check_nm_code(n: int, m: int, k: int) -> None:
+    """A linear the N:M code can hold: M in ALLOWED_M, 1 <= N <= M, K a multiple of 64 (whole words)."""
+    if m not in ALLOWED_M or not 1 <= n <= m:
+        raise FormatError(f"N:M code {n}:{m}: need M in {', '.join(map(str, ALLOWED_M))} and 1 <= N <= M")
+    if k % WORD_BITS:
+        raise FormatError(f"N:M code: K = {k} is not a multiple of {WORD_BITS}")
+
 
 # --- ggml block types used for embeddings / dense linears -------------------------------------------------
 Q8_0_BLOCK = 32               # values per Q8_0 / Q4_0 block
@@ -157,4 +191,5 @@ def linear_n_in(linear: str, n_embd: int, n_ff: int, q_dim: int) -> int:
 
 __all__ = [n for n in dir() if n.isupper() or n in (
     "GGMLType", "QType", "TokenType", "FormatError", "arch_name", "family_of_arch", "n_words", "n_blocks",
-    "check_block_size", "check_nm", "linear_n_in")]
+    "check_block_size", "check_nm", "linear_n_in", "nm_patterns", "nm_pattern_bits", "nm_row_bytes", "nm_suffix",
+    "check_nm_code")]

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from .encoding import SbLinear
+from .encoding import SbLinear, encode_nm
 from .quants import QLinear, quantize_q4_0, quantize_q8_0
-from .spec import (ALIGNMENT, FORMAT_VERSION, KEY_ALIGNMENT, KEY_FORMAT_VERSION, SUFFIX_ALPHA, SUFFIX_MU,
-                   SUFFIX_PLANES, SUFFIX_Q3, SUFFIX_WEIGHT, GGMLType, QType, arch_name)
+from .spec import (ALIGNMENT, BASE_FORMAT_VERSION, KEY_ALIGNMENT, KEY_FORMAT_VERSION, NM_CODE_VERSION, SUFFIX_ALPHA,
+                   SUFFIX_MU, SUFFIX_PLANES, SUFFIX_Q3, SUFFIX_WEIGHT, GGMLType, QType, arch_name, nm_suffix)
 
 
 def chmod_umask(path: str | os.PathLike[str], mode: int) -> None:
@@ -50,8 +50,9 @@ class ModelWriter:
         self._w = gguf.GGUFWriter(str(self._tmp), self.arch)
         self._w.data_alignment = ALIGNMENT
         self._w.add_uint32(KEY_ALIGNMENT, ALIGNMENT)
-        if stock_arch is None:
-            self._w.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
+        self._stock = stock_arch is not None
+        if not self._stock:
+            self._w.add_uint32(KEY_FORMAT_VERSION, BASE_FORMAT_VERSION)  # raised by add_sb when a layer needs more
         self._done = False
 
     # metadata -------------------------------------------------------------------------------------------
@@ -83,8 +84,19 @@ class ModelWriter:
 
     # tensors --------------------------------------------------------------------------------------------
     def add_sb(self, prefix: str, sb: SbLinear) -> None:
+        """A sparse-binary linear: its planes, or its N:M code when sb.nm is set (the file then needs format
+        version NM_CODE_VERSION, set here in place of the key's value, so the key keeps its place)."""
+        import gguf
+
         sb.validate()
-        self._w.add_tensor(prefix + SUFFIX_PLANES, sb.planes.view(np.int8))
+        if sb.nm is not None:
+            if self._stock:
+                raise ValueError(f"{prefix}: a stock GGUF cannot hold pbs2p's N:M code")
+            self._w.kv_data[0][KEY_FORMAT_VERSION] = gguf.GGUFValue(value=NM_CODE_VERSION,
+                                                                    type=gguf.GGUFValueType.UINT32)
+            self._w.add_tensor(prefix + nm_suffix(*sb.nm), encode_nm(sb, *sb.nm).view(np.int8))
+        else:
+            self._w.add_tensor(prefix + SUFFIX_PLANES, sb.planes.view(np.int8))
         self._w.add_tensor(prefix + SUFFIX_ALPHA, sb.alpha)
         self._w.add_tensor(prefix + SUFFIX_MU, sb.mu)
 

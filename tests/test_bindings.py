@@ -254,7 +254,7 @@ def test_info_and_repr(rt, tiny):
     assert (i.arch, i.n_vocab, i.n_embd, i.n_layer, i.n_head, i.n_head_kv, i.head_dim, i.n_ff) == \
         ("llama", c["n_vocab"], c["n_embd"], c["n_layer"], c["n_head"], c["n_head_kv"], c["head_dim"], c["n_ff"])
     assert i.nm_m == 4 and i.nm_n == (2, 4) and i.nm == "mixed 2:4/4:4"
-    assert i.block_size == 64 and i.format_version == fmt.FORMAT_VERSION and i.method == "random"
+    assert i.block_size == 64 and i.format_version == fmt.BASE_FORMAT_VERSION and i.method == "random"
     assert i.file_size == os.path.getsize(tiny.path)
     from pbs2p.dump import linear_stats
 
@@ -287,7 +287,7 @@ def test_errors(rt, tiny, tmp_path, caplog):
     data = bytearray(tiny.path.read_bytes())
     key = fmt.KEY_FORMAT_VERSION.encode()
     at = data.find(key) + len(key)
-    assert data[at:at + 8] == b"\x04\x00\x00\x00" + fmt.FORMAT_VERSION.to_bytes(4, "little")  # type u32
+    assert data[at:at + 8] == b"\x04\x00\x00\x00" + fmt.BASE_FORMAT_VERSION.to_bytes(4, "little")  # type u32
     data[at + 4] = fmt.FORMAT_VERSION + 1
     newer.write_bytes(bytes(data))
     with pytest.raises(VersionError) as e:

@@ -29,7 +29,7 @@ def test_hf_folder_holds_the_file_weights(tiny_model_factory, tmp_path, family):
     _, record = driver.export(str(src), tmp_path / "hf", _cfg(), format="hf")
     assert record["file_bytes"] == stats["file_bytes"] and record["storage_bpw"] == stats["storage_bpw"]
     saved = json.loads((tmp_path / "hf" / hf_export.PROVENANCE).read_text())
-    assert saved["family"] == family and saved["nm_n"] == [6, 6] and saved["format_version"] == fmt.FORMAT_VERSION
+    assert saved["family"] == family and saved["nm_n"] == [6, 6] and saved["format_version"] == fmt.BASE_FORMAT_VERSION
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ref = fakequant.load_fakequant(tmp_path / "m.bin", act_quant=False)

@@ -64,7 +64,7 @@ def test_metadata(exported):
     assert a == fmt.arch_name(fam) == f"pbs2p-{fam}"
     for k in ARCH_KEYS:
         assert f"{a}.{k}" in kv, k
-    assert kv["pbs2p.format_version"] == fmt.FORMAT_VERSION
+    assert kv["pbs2p.format_version"] == fmt.BASE_FORMAT_VERSION  # planes only
     assert kv["pbs2p.method"] == "pbs2p"
     assert len(kv["pbs2p.nm.n"]) == kv[f"{a}.block_count"]
     if nm == "dense":

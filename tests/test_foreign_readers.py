@@ -23,7 +23,7 @@ def exported(request, tiny_model_factory, tmp_path_factory):
 
 def test_architecture_is_our_own(exported):
     mf = fmt.ModelFile(exported)
-    assert mf.arch == "pbs2p-llama" and mf.family == "llama" and mf.version == fmt.FORMAT_VERSION == 2
+    assert mf.arch == "pbs2p-llama" and mf.family == "llama" and mf.version == fmt.BASE_FORMAT_VERSION == 2
     # gguf-py's MODEL_ARCH_NAMES mirrors llama.cpp's architecture table: a name outside it is refused there
     # ("unknown model architecture") before any tensor is read
     assert mf.arch not in set(gguf.MODEL_ARCH_NAMES.values())

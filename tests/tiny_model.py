@@ -140,8 +140,9 @@ def write_tiny_model(path: str | os.PathLike[str], arch: str = "llama", seed: in
                      block_size: int = 64, nm_m: int = 4, nm_n: tuple[int, ...] = (2, 4),
                      n_terms: tuple[int, ...] = (1, 2), dense: dict[str, fmt.GGMLType] | None = None,
                      emb_type: fmt.GGMLType = fmt.GGMLType.Q8_0, tied: bool = True,
-                     overwrite: bool = True) -> TinyModel:
-    """Write a tiny random Llama model file; returns its TinyModel (config, dequantized weights, torch_model())."""
+                     overwrite: bool = True, nm_code: bool = False) -> TinyModel:
+    """Write a tiny random Llama model file; returns its TinyModel (config, dequantized weights, torch_model()).
+    nm_code: one-term sparse-binary linears with K % 64 == 0 in the N:M code (format version 3)."""
     if arch != "llama":
         raise NotImplementedError("tiny models: llama only")
     if dense is None:
@@ -224,7 +225,8 @@ def write_tiny_model(path: str | os.PathLike[str], arch: str = "llama", seed: in
                 scale = 1.0 / np.sqrt(k * n / nm_m)
                 alpha = (scale * rng.uniform(0.5, 1.5, (r, t, nb)) * 0.5 ** np.arange(t)[None, :, None])
                 mu = scale * 0.2 * rng.standard_normal((r, nb))
-                sb = fmt.pack_sb(terms, alpha, mu, block_size)
+                code = (n, nm_m) if nm_code and t == 1 and k % 64 == 0 else None
+                sb = fmt.pack_sb(terms, alpha, mu, block_size, nm=code)
                 w.add_sb(prefix, sb)
                 tm.weights[hf + ".weight"] = fmt.dequantize_sb(sb)
                 tm.sb_layers.add(hf)

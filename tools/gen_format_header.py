@@ -44,6 +44,7 @@ def render(spec) -> str:
     define("FORMAT_VERSION", spec.FORMAT_VERSION)
     define("MIN_FORMAT_VERSION", spec.MIN_FORMAT_VERSION)
     define("ALIGNMENT", spec.ALIGNMENT)
+    define("NM_CODE_VERSION", spec.NM_CODE_VERSION)
     out.append("\n/* sparse-binary encoding */")
     for name in ("DEFAULT_BLOCK_SIZE", "BLOCK_SIZE_MULTIPLE", "MAX_BLOCK_SIZE", "WORD_BITS", "MAX_TERMS"):
         define(name, getattr(spec, name))

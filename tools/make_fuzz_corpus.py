@@ -325,6 +325,16 @@ def _patch_tensor_ne0(data: bytes, name: str, value: int) -> bytes:
     return _patch(data, ti[2], "<Q", value)
 
 
+def _patch_tensor_data(data: bytes, name: str, at: int, value: int) -> bytes:
+    """`data` with byte `at` of tensor `name`'s data OR-ed with value."""
+    off = dict(gguf_layout(data)["tensors"])[name] + at
+    return data[:off] + bytes([data[off] | value]) + data[off + 1:]
+
+
+# a small model whose 2:4 linears are in the N:M code (K = 64 and 128: whole words)
+NM_SMALL = dict(n_embd=64, n_ff=128, nm_code=True)
+
+
 def semantic_variants(tmp: Path) -> dict[str, bytes]:
     """Well-formed GGUF files whose content is wrong (written through the normal writer), by name."""
     base = small_byte_level_kv()
@@ -370,8 +380,18 @@ def semantic_variants(tmp: Path) -> dict[str, bytes]:
             write_small_model(p, base).read_bytes(), "pbs2p-llama.attention.head_count", "<I", 0)),
         "context_length 2^31": lambda p: p.write_bytes(patch_kv(
             write_small_model(p, base).read_bytes(), "pbs2p-llama.context_length", "<I", 1 << 31)),
-        "format_version 3": lambda p: p.write_bytes(patch_kv(
-            write_small_model(p, base).read_bytes(), "pbs2p.format_version", "<I", 3)),
+        f"format_version {fmt.FORMAT_VERSION + 1}": lambda p: p.write_bytes(patch_kv(
+            write_small_model(p, base).read_bytes(), "pbs2p.format_version", "<I", fmt.FORMAT_VERSION + 1)),
+        "N:M code: pattern index 7 >= C(4,2)": lambda p: p.write_bytes(_patch_tensor_data(
+            write_small_model(p, base, **NM_SMALL).read_bytes(), "blk.0.attn_q.nm2of4", 0, 7)),
+        "N:M code in a format_version 2 file": lambda p: p.write_bytes(patch_kv(
+            write_small_model(p, base, **NM_SMALL).read_bytes(), "pbs2p.format_version", "<I", 2)),
+        "N:M code: row one byte short": lambda p: p.write_bytes(_patch_tensor_ne0(
+            write_small_model(p, base, **NM_SMALL).read_bytes(), "blk.0.attn_q.nm2of4", 9)),
+        "N:M code and planes for one linear": lambda p: p.write_bytes(
+            write_small_model(p, base, **NM_SMALL).read_bytes().replace(b"blk.0.ffn_up.nm2of4", b"blk.0.attn_q.planes")),
+        "two N:M codes for one linear": lambda p: p.write_bytes(
+            write_small_model(p, base, **NM_SMALL).read_bytes().replace(b"blk.0.attn_k.nm2of4", b"blk.0.attn_q.nm1of4")),
         "format_version 1 with a pbs2p- name": lambda p: p.write_bytes(patch_kv(
             write_small_model(p, base).read_bytes(), "pbs2p.format_version", "<I", 1)),
         "nm.m 5 (not an allowed M)": lambda p: p.write_bytes(patch_kv(
@@ -431,6 +451,7 @@ def main(argv: list[str]) -> int:
                                                    emb_type=fmt.GGMLType.F16),
         "small-spm": write_small_model(out / "valid" / "small-spm.gguf", spm_kv(20, range(0x20, 0x40)), seed=3),
         "small-q3": write_small_model(out / "valid" / "small-q3.gguf", small_byte_level_kv(), seed=4, dense=Q3_DENSE),
+        "small-nm": write_small_model(out / "valid" / "small-nm.gguf", small_byte_level_kv(), seed=5, **NM_SMALL),
         "small-gpt2-untied-q4": write_small_model(out / "valid" / "small-gpt2-untied-q4.gguf",
                                                   small_byte_level_kv("gpt2"), seed=4, tied=False,
                                                   emb_type=fmt.GGMLType.Q4_0),

@@ -5,7 +5,9 @@
  * shows the best and the median repetition in wall time and, because this may run on a shared machine where
  * other processes take the core away, the best in thread CPU time (CLOCK_THREAD_CPUTIME_ID), from which the
  * throughput columns are computed.
- * Usage: bench-kernels [results.csv] */
+ * The N:M code (docs/format.md): the same GEMV/GEMM on 6:8-coded weights through pbs2p_sb_gemm_any (decode to
+ * planes in L1, then the table's kernel) beside the same weights as planes, and the decoders alone.
+ * Usage: bench-kernels [results.csv] [nm]   (nm: only the N:M-code rows) */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -122,6 +124,12 @@ static void sb_call(void *p, int iter) {
     c->kern->sb_gemm(w, c->act, c->y, w->n_out, 0, w->n_out);
 }
 
+static void sb_any_call(void *p, int iter) {
+    sb_ctx *c = p;
+    const pbs2p_sb_weight *w = &c->w[iter % c->n_copy];
+    pbs2p_sb_gemm_any(c->kern, w, c->act, c->y, w->n_out, 0, w->n_out);
+}
+
 static void report(const char *shape, const char *kern, int n_tok, double best, double median, double cpu,
                    double weights, double bytes, double bw1) {
     const double gw = weights * n_tok / cpu / 1e9, gb = bytes / cpu / 1e9;
@@ -150,7 +158,7 @@ static void bench_sb(int32_t R, int32_t K, int32_t bs, int32_t T, double bw1) {
         }
         for (size_t i = 0; i < alpha_b / 2; i++) al[i] = 0x2e66;
         for (size_t i = 0; i < mu_b / 2; i++) mu[i] = 0x2266;
-        w[c] = (pbs2p_sb_weight){R, K, T, W, nb, bs / 64, pl, al, mu};
+        w[c] = (pbs2p_sb_weight){R, K, T, W, nb, bs / 64, pl, al, mu, NULL, 0, 0, 0};
     }
     float *x = xalloc(sizeof(float) * K * GEMM_TOK), *y = xalloc(sizeof(float) * R * GEMM_TOK);
     for (int32_t j = 0; j < K * GEMM_TOK; j++) x[j] = (float)((int64_t)(rng() % 2001) - 1000) * 1e-3f;
@@ -231,8 +239,96 @@ static void bench_q8(int32_t R, int32_t K, double bw1) {
     free(w); free(x); free(y); free(act.q); free(act.d);
 }
 
+typedef struct {
+    pbs2p_nm_decode_fn dec;
+    pbs2p_sb_weight *w;
+    int n_copy;
+    uint64_t *out;
+    int32_t rows;
+} dec_ctx;
+static void dec_call(void *p, int iter) {
+    dec_ctx *c = p;
+    const pbs2p_sb_weight *w = &c->w[iter % c->n_copy];
+    for (int32_t r = 0; r < w->n_out; r += c->rows) c->dec(w, r, r + c->rows < w->n_out ? r + c->rows : w->n_out, c->out);
+}
+
+/* R x K weights at N:8 (uniformly random patterns and signs) in the N:M code, and the same as planes. */
+static void bench_nm(int32_t R, int32_t K, int32_t N, int32_t bs, double bw1) {
+    const int32_t W = K / 64, nb = (K + bs - 1) / bs, rb = pbs2p_nm_row_bytes(K, N, 8);
+    const int32_t pb = pbs2p_nm_pattern_bits(N, 8), C = pbs2p_nm_patterns(N, 8);
+    const size_t code_b = (size_t)R * rb, scale_b = (size_t)R * nb * 2, plane_b = (size_t)R * 2 * W * 8;
+    const size_t bytes = code_b + 2 * scale_b;
+    int n_copy = (int)(COPY_BYTES / bytes) + 1;
+    pbs2p_sb_weight *w = xalloc(sizeof *w * n_copy);
+    for (int c = 0; c < n_copy; c++) {
+        uint8_t *code = xalloc(code_b + 64);
+        uint16_t *al = xalloc(scale_b), *mu = xalloc(scale_b);
+        memset(code, 0, code_b);
+        for (int32_t r = 0; r < R; r++) {
+            uint8_t *row = code + (size_t)r * rb;
+            for (int32_t g = 0; g < K / 8; g++) {
+                const uint32_t idx = (uint32_t)(rng() % (uint64_t)C);
+                for (int b = 0; b < pb; b++)
+                    if ((idx >> b) & 1) row[(g * pb + b) >> 3] |= (uint8_t)(1u << ((g * pb + b) & 7));
+            }
+            for (int32_t i = K / 8 * pb / 8; i < rb; i++) row[i] = (uint8_t)rng();
+        }
+        for (size_t i = 0; i < scale_b / 2; i++) al[i] = 0x2e66, mu[i] = 0x2266;
+        w[c] = (pbs2p_sb_weight){R, K, 1, W, nb, bs / 64, NULL, al, mu, code, N, 8, rb};
+    }
+    /* copy 0 decoded to planes: the planes kernels on the same bits (their own > 1 GiB of copies) */
+    const int n_pcopy = (int)(COPY_BYTES / (plane_b + 2 * scale_b)) + 1;
+    pbs2p_sb_weight *wpl = xalloc(sizeof *wpl * n_pcopy);
+    for (int c = 0; c < n_pcopy; c++) {
+        uint64_t *pl = xalloc(plane_b);
+        pbs2p_nm_decode_ref(&w[0], 0, R, pl);
+        wpl[c] = w[0];
+        wpl[c].planes = pl;
+        wpl[c].nm = NULL;
+    }
+    float *x = xalloc(sizeof(float) * K * GEMM_TOK), *y = xalloc(sizeof(float) * R * GEMM_TOK);
+    for (int32_t j = 0; j < K * GEMM_TOK; j++) x[j] = (float)((int64_t)(rng() % 2001) - 1000) * 1e-3f;
+    char shape[64], pshape[64];
+    snprintf(shape, sizeof shape, "%dx%d %d:8 code", R, K, N);
+    snprintf(pshape, sizeof pshape, "%dx%d %d:8 planes", R, K, N);
+    for (int n_tok = 1; n_tok <= GEMM_TOK; n_tok += GEMM_TOK - 1) {
+        pbs2p_sb_act act;
+        void *mem = xalloc(pbs2p_sb_act_bytes(n_tok, K, bs));
+        pbs2p_sb_act_init(&act, mem, n_tok, K, bs);
+        pbs2p_sb_quantize_ref(&act, x, K, 0, n_tok);
+        for (int k = 1; pbs2p_kernel_names[k] != NULL; k++) { /* the SIMD tables (the scalar one is the reference) */
+            const pbs2p_kernels *kern = pbs2p_kernels_find(pbs2p_kernel_names[k]);
+            if (!kern) continue;
+            double best, median, cpu;
+            sb_ctx c = {kern, w, n_copy, &act, y};
+            time_calls(sb_any_call, &c, &best, &median, &cpu);
+            report(shape, kern->name, n_tok, best, median, cpu, (double)R * K, (double)bytes, bw1);
+            sb_ctx cp = {kern, wpl, n_pcopy, &act, y};
+            time_calls(sb_call, &cp, &best, &median, &cpu);
+            report(pshape, kern->name, n_tok, best, median, cpu, (double)R * K, (double)(plane_b + 2 * scale_b), bw1);
+        }
+        free(mem);
+    }
+    /* the decoders alone, 16 rows at a time into an L1 buffer (what pbs2p_sb_gemm_any does for one token) */
+    uint64_t *out = xalloc((size_t)16 * 2 * W * 8);
+    const struct { const char *name; pbs2p_nm_decode_fn fn; } decs[] = {
+        {"decode ref", pbs2p_nm_decode_ref}, {"decode lut", pbs2p_nm_decode_lut},
+        {"decode auto", pbs2p_nm_decoder(pbs2p_kernels_find("auto"))}};
+    for (int d = 0; d < 3; d++) {
+        dec_ctx c = {decs[d].fn, w, n_copy, out, 16};
+        double best, median, cpu;
+        time_calls(dec_call, &c, &best, &median, &cpu);
+        report(shape, decs[d].name, 1, best, median, cpu, (double)R * K, (double)code_b, bw1);
+    }
+    free(out);
+    for (int c = 0; c < n_copy; c++) { free((void *)w[c].nm); free((void *)w[c].alpha); free((void *)w[c].mu); }
+    for (int c = 0; c < n_pcopy; c++) free((void *)wpl[c].planes);
+    free(w); free(wpl); free(x); free(y);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && (csv = fopen(argv[1], "w")) == NULL) { perror(argv[1]); return 1; }
+    const int nm_only = argc > 2 && strcmp(argv[2], "nm") == 0;
     if (csv) fprintf(csv, "shape,kernel,n_tok,us_best,us_median,us_cpu,gweights_per_s,gb_per_s\n");
     size_t n = ((size_t)2 << 30) / 8;
     uint64_t *buf = xalloc(n * 8);
@@ -249,9 +345,13 @@ int main(int argc, char **argv) {
            "| of 1-thr BW |\n|---|---|---|---|---|---|---|---|---|\n");
     const int32_t shapes[][2] = {{4096, 4096}, {11008, 4096}, {4096, 11008}, {576, 576},
                                  {192, 576},   {1536, 576},   {576, 1536}};
-    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) bench_sb(shapes[i][0], shapes[i][1], 128, 1, c1);
-    bench_sb(4096, 4096, 128, 2, c1);
-    bench_q8(49152, 576, c1);
+    if (!nm_only) {
+        for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) bench_sb(shapes[i][0], shapes[i][1], 128, 1, c1);
+        bench_sb(4096, 4096, 128, 2, c1);
+        bench_q8(49152, 576, c1);
+    }
+    bench_nm(4096, 4096, 6, 128, c1);
+    bench_nm(1536, 576, 6, 128, c1);
     if (csv) fclose(csv);
     return 0;
 }

@@ -21,7 +21,7 @@ import cffi
 
 # Types, constants and enums: kept textually identical to the header so the gcc check can reuse it.
 CDEF_TYPES = """
-#define PBS2P_FORMAT_VERSION 2
+#define PBS2P_FORMAT_VERSION 3
 
 typedef enum pbs2p_status {
     PBS2P_OK = 0,

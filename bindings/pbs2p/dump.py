@@ -49,7 +49,7 @@ def _fmt_value(v: Any, width: int = 80) -> str:
 @dataclass
 class LinearStats:
     name: str
-    encoding: str          # "sparse-binary", "dense F16", ...
+    encoding: str          # "sparse-binary", "N:M code", "dense F16", ...
     n_out: int
     n_in: int
     n_terms: int           # 0 for dense
@@ -95,7 +95,8 @@ def linear_stats(mf: ModelFile) -> list[LinearStats]:
             continue
         sb = mf.sb(pre)
         bits = float(np.unpackbits(sb.planes, bitorder="little").sum())
-        out.append(LinearStats(pre, "sparse-binary", sb.n_out, sb.n_in, sb.n_terms,
+        kind = "N:M code" if sb.nm else "sparse-binary"  # N:M code: docs/format.md, planes decoded from it
+        out.append(LinearStats(pre, kind, sb.n_out, sb.n_in, sb.n_terms,
                                _measure_nm(sb.planes, sb.n_out, sb.n_in, sb.n_terms, m), sb.nbytes(), bits))
     return out
 
@@ -131,14 +132,14 @@ def dump(path: str, out: TextIO = sys.stdout, all_values: bool = False) -> None:
         p(f"  {k} = {v!r}" if all_values else f"  {k} = {_fmt_value(v)}")
 
     stats = linear_stats(mf)
-    sb_prefix = {s.name for s in stats if s.encoding == "sparse-binary"}
+    sb_prefix = {s.name: s.encoding for s in stats if s.encoding in ("sparse-binary", "N:M code")}
     p("\ntensors:")
     p(f"  {'name':<34} {'type':<6} {'shape':<18} {'bytes':>10}  encoding")
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # numpy order, outermost first
         pre = t.name.rsplit(".", 1)[0]
         if pre in sb_prefix:
-            enc = "sparse-binary"
+            enc = sb_prefix[pre]
         elif t.name.endswith(SUFFIX_Q3):
             enc = "Q3 (pbs2p)"
         elif int(t.tensor_type) in (GGMLType.Q8_0, GGMLType.Q4_0):

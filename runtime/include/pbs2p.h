@@ -22,7 +22,7 @@ extern "C" {
 #define PBS2P_API __attribute__((visibility("default")))
 #endif
 
-#define PBS2P_FORMAT_VERSION 2 /* newest file format this runtime reads (it reads 1 too) */
+#define PBS2P_FORMAT_VERSION 3 /* newest file format this runtime reads (it reads 1 and 2 too) */
 
 typedef enum pbs2p_status {
     PBS2P_OK = 0,

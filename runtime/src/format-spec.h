@@ -4,9 +4,10 @@
 #define PBS2P_FORMAT_SPEC_H
 
 /* container */
-#define PBS2P_SPEC_FORMAT_VERSION 2
+#define PBS2P_SPEC_FORMAT_VERSION 3
 #define PBS2P_SPEC_MIN_FORMAT_VERSION 1
 #define PBS2P_SPEC_ALIGNMENT 64
+#define PBS2P_SPEC_NM_CODE_VERSION 3
 
 /* sparse-binary encoding */
 #define PBS2P_SPEC_DEFAULT_BLOCK_SIZE 128
@@ -51,6 +52,7 @@
 #define PBS2P_SPEC_SUFFIX_ALPHA ".alpha"
 #define PBS2P_SPEC_SUFFIX_BIAS ".bias"
 #define PBS2P_SPEC_SUFFIX_MU ".mu"
+#define PBS2P_SPEC_SUFFIX_NM ".nm"
 #define PBS2P_SPEC_SUFFIX_PLANES ".planes"
 #define PBS2P_SPEC_SUFFIX_Q3 ".q3"
 #define PBS2P_SPEC_SUFFIX_WEIGHT ".weight"

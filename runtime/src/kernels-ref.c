@@ -224,3 +224,146 @@ void pbs2p_q3_gemm_ref(const uint8_t *w, int32_t K, const pbs2p_q8_act *act, flo
 
 const pbs2p_kernels pbs2p_kernels_ref = {"scalar", pbs2p_sb_gemm_ref, pbs2p_sb_sums_ref, pbs2p_q8_gemm_ref,
                                          pbs2p_q4_gemm_ref, pbs2p_q3_gemm_ref};
+
+/* ------------------------------------------------------------------ the N:M code ----------------------------
+ * docs/format.md "The N:M code": a row is K/M pattern indices of pb bits (a little-endian bit string; index i is
+ * the i-th M-bit mask with N bits set, ascending), then one sign bit per kept weight in column order (1: pos). */
+
+#include <pthread.h>
+
+/* masks[m / 4 - 1][n][i]: the i-th M-bit mask of popcount n; spread[off[m/4-1][n] + i·2^n + s]: the pos bits of
+ * pattern i when its kept columns, in ascending order, take the n sign bits of s (bit j: j-th kept column). */
+static uint8_t nm_masks[2][9][70];
+static int32_t nm_count[2][9];
+static uint8_t nm_spread[6560 + 80];
+static int32_t nm_off[2][9];
+static pthread_once_t nm_once = PTHREAD_ONCE_INIT;
+
+static void nm_init(void) {
+    int32_t off = 0;
+    for (int32_t mi = 0; mi < 2; mi++) {
+        const int32_t m = 4 * (mi + 1);
+        for (int32_t n = 1; n <= m; n++) {
+            int32_t c = 0;
+            for (int32_t x = 0; x < (1 << m); x++)
+                if (__builtin_popcount((unsigned)x) == n) nm_masks[mi][n][c++] = (uint8_t)x;
+            nm_count[mi][n] = c;
+            nm_off[mi][n] = off;
+            for (int32_t i = 0; i < c; i++)
+                for (int32_t s = 0; s < (1 << n); s++) {
+                    uint8_t pos = 0;
+                    int32_t j = 0;
+                    for (int32_t col = 0; col < m; col++)
+                        if ((nm_masks[mi][n][i] >> col) & 1) pos |= (uint8_t)(((s >> j++) & 1) << col);
+                    nm_spread[off + i * (1 << n) + s] = pos;
+                }
+            off += c << n;
+        }
+    }
+}
+
+int32_t pbs2p_nm_patterns(int32_t n, int32_t m) {
+    pthread_once(&nm_once, nm_init);
+    return (m == 4 || m == 8) && n >= 1 && n <= m ? nm_count[m / 4 - 1][n] : 0;
+}
+
+const uint8_t *pbs2p_nm_masks(int32_t n, int32_t m) {
+    pthread_once(&nm_once, nm_init);
+    return nm_masks[m / 4 - 1][n];
+}
+
+int32_t pbs2p_nm_pattern_bits(int32_t n, int32_t m) {
+    int32_t c = pbs2p_nm_patterns(n, m), b = 0;
+    while ((1 << b) < c) b++;
+    return b;
+}
+
+int32_t pbs2p_nm_row_bytes(int32_t K, int32_t n, int32_t m) {
+    return K / m * pbs2p_nm_pattern_bits(n, m) / 8 + K / m * n / 8;
+}
+
+/* nbits (<= 8) bits of the bit string p starting at bit `bit`. */
+static uint32_t get_bits(const uint8_t *p, int64_t bit, int32_t nbits) {
+    uint32_t v = 0;
+    for (int32_t b = 0; b < nbits; b++) v |= (uint32_t)((p[(bit + b) >> 3] >> ((bit + b) & 7)) & 1) << b;
+    return v;
+}
+
+int64_t pbs2p_nm_first_bad(const pbs2p_sb_weight *w) {
+    const int32_t n = w->nm_n, m = w->nm_m, G = w->n_in / m, pb = pbs2p_nm_pattern_bits(n, m);
+    const uint32_t c = (uint32_t)pbs2p_nm_patterns(n, m);
+    if (pb == 0) return -1;
+    for (int32_t r = 0; r < w->n_out; r++) {
+        const uint8_t *row = w->nm + (size_t)r * w->nm_row_bytes;
+        for (int32_t g = 0; g < G; g++) {
+            /* pb <= 7: the index lies in bytes bit/8 and bit/8 + 1 (the latter inside the row: signs follow) */
+            const int64_t bit = (int64_t)g * pb;
+            const uint32_t v = ((uint32_t)row[bit >> 3] | (uint32_t)row[(bit >> 3) + 1] << 8) >> (bit & 7);
+            if ((v & ((1u << pb) - 1)) >= c) return (int64_t)r * G + g;
+        }
+    }
+    return -1;
+}
+
+void pbs2p_nm_decode_ref(const pbs2p_sb_weight *w, int32_t r0, int32_t r1, uint64_t *out) {
+    pthread_once(&nm_once, nm_init);
+    const int32_t n = w->nm_n, m = w->nm_m, K = w->n_in, W = w->n_words, G = K / m;
+    const int32_t pb = pbs2p_nm_pattern_bits(n, m), c = pbs2p_nm_patterns(n, m);
+    const uint8_t *masks = nm_masks[m / 4 - 1][n];
+    for (int32_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->nm + (size_t)r * w->nm_row_bytes, *signs = row + (size_t)G * pb / 8;
+        uint64_t *pos = out + (size_t)(r - r0) * 2 * W, *neg = pos + W;
+        memset(pos, 0, (size_t)2 * W * sizeof *pos);
+        int64_t sbit = 0;
+        for (int32_t g = 0; g < G; g++) {
+            const uint32_t idx = get_bits(row, (int64_t)g * pb, pb);
+            const uint32_t mask = idx < (uint32_t)c ? masks[idx] : 0; /* invalid: refused at load, never read OOB */
+            for (int32_t col = 0; col < m; col++) {
+                if (!((mask >> col) & 1)) continue;
+                const int32_t j = g * m + col;
+                uint64_t *plane = get_bits(signs, sbit++, 1) ? pos : neg;
+                plane[j >> 6] |= (uint64_t)1 << (j & 63);
+            }
+        }
+    }
+}
+
+/* n <= 8 bytes at p as a little-endian integer; never reads at or past end. */
+static inline uint64_t load_le(const uint8_t *p, int32_t n, const uint8_t *end) {
+    uint64_t v = 0;
+    if (end - p >= 8) {
+        memcpy(&v, p, 8);
+        return n == 8 ? v : v & (((uint64_t)1 << (8 * n)) - 1);
+    }
+    for (int32_t i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+void pbs2p_nm_decode_lut(const pbs2p_sb_weight *w, int32_t r0, int32_t r1, uint64_t *out) {
+    pthread_once(&nm_once, nm_init);
+    const int32_t n = w->nm_n, m = w->nm_m, W = w->n_words, gw = 64 / m; /* groups per word */
+    const int32_t pb = pbs2p_nm_pattern_bits(n, m), c = pbs2p_nm_patterns(n, m);
+    const int32_t pbw = gw * pb / 8, sbw = gw * n / 8; /* pattern and sign bytes per word */
+    const uint8_t *masks = nm_masks[m / 4 - 1][n], *spread = nm_spread + nm_off[m / 4 - 1][n];
+    const uint8_t *end = w->nm + (size_t)w->n_out * w->nm_row_bytes;
+    const uint64_t pmask = ((uint64_t)1 << pb) - 1, smask = ((uint64_t)1 << n) - 1;
+    for (int32_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->nm + (size_t)r * w->nm_row_bytes, *signs = row + (size_t)W * pbw;
+        uint64_t *pos = out + (size_t)(r - r0) * 2 * W, *neg = pos + W;
+        for (int32_t i = 0; i < W; i++) {
+            uint64_t pf = pb ? load_le(row + (size_t)i * pbw, pbw, end) : 0;
+            uint64_t sf = load_le(signs + (size_t)i * sbw, sbw, end);
+            uint64_t kept = 0, p = 0;
+            for (int32_t g = 0; g < gw; g++) {
+                uint32_t idx = (uint32_t)(pf & pmask);
+                if (idx >= (uint32_t)c) idx = 0; /* refused at load; stay in bounds */
+                kept |= (uint64_t)masks[idx] << (g * m);
+                p |= (uint64_t)spread[(idx << n) + (uint32_t)(sf & smask)] << (g * m);
+                pf >>= pb;
+                sf >>= n;
+            }
+            pos[i] = p;
+            neg[i] = kept & ~p;
+        }
+    }
+}

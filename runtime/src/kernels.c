@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "format-spec.h"
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -12,7 +13,7 @@
 #endif
 
 typedef struct cpu_features {
-    int avx2, popcnt, f16c, avx512f, avx512bw, avx512vnni, avx512vpopcntdq, neon;
+    int avx2, popcnt, f16c, bmi2, avx512f, avx512bw, avx512vnni, avx512vpopcntdq, avx512vbmi, neon;
 } cpu_features;
 
 /* All feature detection. __builtin_cpu_supports also checks that the OS saves the wide registers (XCR0). */
@@ -30,6 +31,8 @@ static cpu_features detect_cpu(void) {
     f.avx512bw = __builtin_cpu_supports("avx512bw");
     f.avx512vnni = __builtin_cpu_supports("avx512vnni");
     f.avx512vpopcntdq = __builtin_cpu_supports("avx512vpopcntdq");
+    f.avx512vbmi = __builtin_cpu_supports("avx512vbmi");
+    f.bmi2 = __builtin_cpu_supports("bmi2");
 #endif
 #if defined(__ARM_NEON)
     f.neon = 1; /* baseline on aarch64; on armv7 this build was compiled with -mfpu=neon */
@@ -117,6 +120,97 @@ pbs2p_sb_quantize_fn pbs2p_sb_quantizer(const pbs2p_kernels *k) {
 #endif
     (void)k;
     return pbs2p_sb_quantize_ref;
+}
+
+pbs2p_nm_decode_fn pbs2p_nm_decoder(const pbs2p_kernels *k) {
+    pthread_once(&cpu_once, cpu_init);
+    if (k == &pbs2p_kernels_ref) return pbs2p_nm_decode_ref;
+#if defined(__x86_64__) || defined(__i386__)
+    /* PDEP is microcoded (slow) on AMD before Zen 3, which has no AVX-512 either: VBMI implies a fast PDEP */
+    if (cpu.avx512f && cpu.avx512bw && cpu.avx512vbmi && cpu.bmi2) return pbs2p_nm_decode_vbmi;
+#endif
+    return pbs2p_nm_decode_lut;
+}
+
+/* Planes decoded per call for a few-token GEMM: 16 KB, in L1 beside the activations. Prefill (>= NM_WHOLE_TOK
+ * tokens) decodes the thread's whole row range once (a heap buffer; the chunks again if it cannot get one), so
+ * kernels with per-call set-up (the VNNI transpose) pay it once. */
+enum { NM_CHUNK_WORDS = 2048, NM_WHOLE_TOK = 8 };
+_Static_assert(NM_CHUNK_WORDS >= 2 * (PBS2P_SPEC_MAX_BLOCK_SIZE / 64), "one row of the largest K fits the buffer");
+
+typedef struct nm_view {
+    pbs2p_sb_weight w; /* rows [rc, rc + g) of the original as planes */
+    uint64_t *buf, stack[NM_CHUNK_WORDS];
+    int32_t chunk;
+    int heap;
+} nm_view;
+
+static void nm_view_init(nm_view *v, const pbs2p_sb_weight *w, int32_t n_tok, int32_t r0, int32_t r1) {
+    const size_t row_words = (size_t)2 * w->n_words;
+    v->heap = 0;
+    v->buf = v->stack;
+    v->chunk = (int32_t)(NM_CHUNK_WORDS / row_words); /* >= 1: K <= MAX_SB_K (checked at load) */
+    if (n_tok >= NM_WHOLE_TOK) {
+        uint64_t *p = aligned_alloc(64, ((size_t)(r1 - r0) * row_words * 8 + 63) & ~(size_t)63);
+        if (p != NULL) {
+            v->buf = p;
+            v->heap = 1;
+            v->chunk = r1 - r0;
+        }
+    }
+}
+
+/* Decode rows [rc, rc + g) (g <= chunk) into the view. */
+static void nm_view_rows(nm_view *v, const pbs2p_sb_weight *w, pbs2p_nm_decode_fn dec, int32_t rc, int32_t g) {
+    dec(w, rc, rc + g, v->buf);
+    v->w = *w;
+    v->w.n_out = g;
+    v->w.planes = v->buf;
+    v->w.nm = NULL;
+    v->w.alpha = w->alpha + (size_t)rc * w->n_terms * w->n_blocks;
+    v->w.mu = w->mu + (size_t)rc * w->n_blocks;
+}
+
+void pbs2p_sb_gemm_any(const pbs2p_kernels *k, const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y,
+                       int64_t ldy, int32_t r0, int32_t r1) {
+    if (w->nm == NULL) {
+        k->sb_gemm(w, act, y, ldy, r0, r1);
+        return;
+    }
+    const pbs2p_nm_decode_fn dec = pbs2p_nm_decoder(k);
+    nm_view v;
+    nm_view_init(&v, w, act->n_tok, r0, r1);
+    for (int32_t rc = r0; rc < r1; rc += v.chunk) {
+        const int32_t g = r1 - rc < v.chunk ? r1 - rc : v.chunk;
+        nm_view_rows(&v, w, dec, rc, g);
+        k->sb_gemm(&v.w, act, y + rc, ldy, 0, g);
+    }
+    if (v.heap) free(v.buf);
+}
+
+void pbs2p_sb_sums_any(const pbs2p_kernels *k, const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums,
+                       int32_t r0, int32_t r1) {
+    if (w->nm == NULL) {
+        k->sb_sums(w, act, sums, r0, r1);
+        return;
+    }
+    /* sums are [tok][r1 - r0][2][T][nb]: one chunk's rows are not contiguous across tokens, so decode all rows */
+    const size_t words = (size_t)(r1 - r0) * 2 * w->n_words;
+    uint64_t *buf = aligned_alloc(64, (words * 8 + 63) & ~(size_t)63);
+    if (buf == NULL) { /* the tests' and benchmarks' entry point, not the model's: say so and leave zeros */
+        pbs2p_log(PBS2P_LOG_ERROR, "pbs2p_sb_sums_any: out of memory for %zu decoded words", words);
+        memset(sums, 0, (size_t)act->n_tok * (r1 - r0) * 2 * w->n_terms * w->n_blocks * sizeof *sums);
+        return;
+    }
+    pbs2p_nm_decoder(k)(w, r0, r1, buf);
+    pbs2p_sb_weight v = *w;
+    v.n_out = r1 - r0;
+    v.planes = buf;
+    v.nm = NULL;
+    v.alpha = w->alpha + (size_t)r0 * w->n_terms * w->n_blocks;
+    v.mu = w->mu + (size_t)r0 * w->n_blocks;
+    k->sb_sums(&v, act, sums, 0, r1 - r0);
+    free(buf);
 }
 
 const char *pbs2p_kernel_name(void) { return pbs2p_kernels_get()->name; }

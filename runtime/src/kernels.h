@@ -18,7 +18,30 @@ typedef struct pbs2p_sb_weight {
     const uint64_t *planes; /* [R][T][2][W]: pos plane then neg plane per term (64-byte aligned base) */
     const uint16_t *alpha;  /* f16 [R][T][nb] */
     const uint16_t *mu;     /* f16 [R][nb] */
+    /* The N:M code (docs/format.md "The N:M code"): when nm != NULL the layer has one term, planes is NULL, and
+     * row r's bits are the nm_row_bytes bytes at nm + r·nm_row_bytes (K/M pattern indices, then the signs). */
+    const uint8_t *nm;
+    int32_t nm_n, nm_m, nm_row_bytes;
 } pbs2p_sb_weight;
+
+/* --- the N:M code ----------------------------------------------------------------------------------------- */
+/* Bits of one group's pattern index, ceil(log2 C(m, n)) (0 for n == m); number of patterns C(m, n). */
+int32_t pbs2p_nm_pattern_bits(int32_t n, int32_t m);
+int32_t pbs2p_nm_patterns(int32_t n, int32_t m);
+/* The C(m, n) masks, ascending (70 bytes, zero past the count), for the decoders. */
+const uint8_t *pbs2p_nm_masks(int32_t n, int32_t m);
+/* Bytes of one row of K columns (K % 64 == 0). */
+int32_t pbs2p_nm_row_bytes(int32_t K, int32_t n, int32_t m);
+/* The first (row, group) whose pattern index is >= C(m, n), as row·(K/m) + group, or -1 when all are valid. */
+int64_t pbs2p_nm_first_bad(const pbs2p_sb_weight *w);
+/* Rows [r0, r1) of an N:M-coded weight as planes: out [r1-r0][2][W] (pos, neg), exactly the bits the code
+ * stands for. The reference is the definition; every other decoder writes the same words. */
+typedef void (*pbs2p_nm_decode_fn)(const pbs2p_sb_weight *w, int32_t r0, int32_t r1, uint64_t *out);
+void pbs2p_nm_decode_ref(const pbs2p_sb_weight *w, int32_t r0, int32_t r1, uint64_t *out);
+void pbs2p_nm_decode_lut(const pbs2p_sb_weight *w, int32_t r0, int32_t r1, uint64_t *out); /* table-driven, portable */
+#if defined(__x86_64__) || defined(__i386__)
+void pbs2p_nm_decode_vbmi(const pbs2p_sb_weight *w, int32_t r0, int32_t r1, uint64_t *out); /* AVX512-VBMI + BMI2 */
+#endif
 
 /* One or more tokens' activations, quantized for sparse-binary layers of input size K (= n_in). */
 typedef struct pbs2p_sb_act {
@@ -124,6 +147,15 @@ extern const pbs2p_kernels pbs2p_kernels_neon_expand;        /* expand: vtbl/vts
 #endif
 /* Every table name pbs2p_kernels_find knows (NULL-terminated), for tests and benchmarks. */
 extern const char *const pbs2p_kernel_names[];
+
+/* The N:M decoder to pair with table k (the reference for the scalar table; the fastest this CPU has otherwise). */
+pbs2p_nm_decode_fn pbs2p_nm_decoder(const pbs2p_kernels *k);
+/* k->sb_gemm / k->sb_sums for any sparse-binary weight: an N:M-coded one is decoded to planes a few rows at a time
+ * (into a buffer in L1) and handed to k's kernel, so its sums are the planes' sums bit for bit. */
+void pbs2p_sb_gemm_any(const pbs2p_kernels *k, const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y,
+                       int64_t ldy, int32_t r0, int32_t r1);
+void pbs2p_sb_sums_any(const pbs2p_kernels *k, const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t *sums,
+                       int32_t r0, int32_t r1);
 
 /* The kernel table in use (chosen once from CPUID / PBS2P_KERNEL / pbs2p_set_kernel). Thread-safe. */
 const pbs2p_kernels *pbs2p_kernels_get(void);

@@ -132,8 +132,26 @@ static pbs2p_status bind_emb(const pbs2p_model *m, const char *name, int64_t row
     return PBS2P_OK;
 }
 
+/* The linear's N:M-code tensor prefix.nm<N>of<M> (docs/format.md "The N:M code"), or NULL; *n, *m its N and M.
+ * More than one is refused. */
+static pbs2p_status find_nm(const pbs2p_model *m, const char *prefix, const gguf_tensor **out, int32_t *n, int32_t *mm) {
+    char name[96];
+    *out = NULL;
+    for (int32_t M = 4; M <= 8; M += 4)
+        for (int32_t N = 1; N <= M; N++) {
+            snprintf(name, sizeof name, "%s" PBS2P_SPEC_SUFFIX_NM "%dof%d", prefix, N, M);
+            const gguf_tensor *t = find_tensor(m, name);
+            if (!t) continue;
+            if (*out)
+                return PBS2P_FAIL(PBS2P_ERR_FORMAT, "linear %s has two N:M-code tensors (%s, %s)", prefix, (*out)->name,
+                                  t->name);
+            *out = t, *n = N, *mm = M;
+        }
+    return PBS2P_OK;
+}
+
 /* Bind linear `prefix` of shape (R, K): exactly one of prefix.weight (dense), prefix.q3 (Q3 blocks) or
- * .planes/.alpha/.mu. */
+ * .planes (or .nm<N>of<M>) with .alpha/.mu. */
 static pbs2p_status bind_linear(pbs2p_model *m, const char *prefix, int32_t R, int32_t K, int need_bias,
                                 pbs2p_linear *L) {
     char name[96];
@@ -150,10 +168,13 @@ static pbs2p_status bind_linear(pbs2p_model *m, const char *prefix, int32_t R, i
     const gguf_tensor *tm = find_tensor(m, name);
     snprintf(name, sizeof name, "%s" PBS2P_SPEC_SUFFIX_Q3, prefix);
     const gguf_tensor *t3 = find_tensor(m, name);
+    const gguf_tensor *tn;
+    int32_t nm_n = 0, nm_m = 0;
     pbs2p_status st;
-    if ((tw != NULL) + (t3 != NULL) + (tp || ta || tm) > 1)
-        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "linear %s is stored in more than one way (.weight, %s, .planes)", prefix,
-                          PBS2P_SPEC_SUFFIX_Q3);
+    if ((st = find_nm(m, prefix, &tn, &nm_n, &nm_m))) return st;
+    if ((tw != NULL) + (t3 != NULL) + (tp || ta || tm || tn) > 1 || (tp && tn))
+        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "linear %s is stored in more than one way (.weight, %s, .planes, %s<N>of<M>)",
+                          prefix, PBS2P_SPEC_SUFFIX_Q3, PBS2P_SPEC_SUFFIX_NM);
     if (t3) {
         if (t3->type != GGML_TYPE_I8)
             return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s has type %s, expected I8 (Q3 block bytes)", t3->name,
@@ -181,15 +202,16 @@ static pbs2p_status bind_linear(pbs2p_model *m, const char *prefix, int32_t R, i
         m->info.n_linear_bytes += (int64_t)tw->n_bytes;
         m->info.param_bits += (double)R * K * (tw->type == GGML_TYPE_F32 ? 32 : tw->type == GGML_TYPE_F16 ? 16
                                                : tw->type == GGML_TYPE_Q8_0 ? 8 : 4);
-    } else if (tp || ta || tm) {
-        if (!tp || !ta || !tm)
+    } else if (tp || ta || tm || tn) {
+        if ((!tp && !tn) || !ta || !tm)
             return PBS2P_FAIL(PBS2P_ERR_FORMAT, "sparse-binary linear %s lacks its %s tensor", prefix,
-                              !tp ? ".planes" : !ta ? ".alpha" : ".mu");
+                              !tp && !tn ? ".planes" : !ta ? ".alpha" : ".mu");
         if (K > MAX_SB_K)
             return PBS2P_FAIL(PBS2P_ERR_UNSUPPORTED, "sparse-binary linear %s has K = %d > %d", prefix, K, MAX_SB_K);
         const int32_t bs = m->cfg.block_size, W = (K + 63) / 64, nb = (K + bs - 1) / bs;
-        if (tp->type != GGML_TYPE_I8)
-            return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s has type %s, expected I8", tp->name, type_name(tp->type));
+        const gguf_tensor *tb = tp ? tp : tn;
+        if (tb->type != GGML_TYPE_I8)
+            return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s has type %s, expected I8", tb->name, type_name(tb->type));
         if (ta->type != GGML_TYPE_F16)
             return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s has type %s, expected F16", ta->name, type_name(ta->type));
         if (tm->type != GGML_TYPE_F16)
@@ -202,24 +224,49 @@ static pbs2p_status bind_linear(pbs2p_model *m, const char *prefix, int32_t R, i
                               (long long)T, MAX_TERMS);
         if ((st = check_shape(ta, 3, R, T, nb))) return st;
         if ((st = check_shape(tm, 2, R, nb, 0))) return st;
-        if ((st = check_shape(tp, 2, R, T * 2 * W * 8, 0))) return st;
-        if (!is_aligned(tp->data, 64))
-            return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s: plane data not 64-byte aligned (offset %llu)", tp->name,
-                              (unsigned long long)tp->offset);
+        if (tp) {
+            if ((st = check_shape(tp, 2, R, T * 2 * W * 8, 0))) return st;
+            if (!is_aligned(tp->data, 64))
+                return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s: plane data not 64-byte aligned (offset %llu)", tp->name,
+                                  (unsigned long long)tp->offset);
+        } else {
+            if (m->cfg.format_version < PBS2P_SPEC_NM_CODE_VERSION)
+                return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s: the N:M code needs " PBS2P_SPEC_KEY_FORMAT_VERSION
+                                  " >= %d, the file has %d", tn->name, PBS2P_SPEC_NM_CODE_VERSION, m->cfg.format_version);
+            if (T != 1)
+                return PBS2P_FAIL(PBS2P_ERR_FORMAT, "N:M-coded linear %s has T = %lld terms (the code holds one)", prefix,
+                                  (long long)T);
+            if (K % 64 != 0)
+                return PBS2P_FAIL(PBS2P_ERR_FORMAT, "N:M-coded linear %s needs K %% 64 == 0, got K = %d", prefix, K);
+            if ((st = check_shape(tn, 2, R, pbs2p_nm_row_bytes(K, nm_n, nm_m), 0))) return st;
+        }
         if (!is_aligned(ta->data, 2) || !is_aligned(tm->data, 2))
             return PBS2P_FAIL(PBS2P_ERR_FORMAT, "linear %s: scale data not 2-byte aligned", prefix);
         L->is_sb = 1;
         L->sb = (pbs2p_sb_weight){.n_out = R, .n_in = K, .n_terms = (int32_t)T, .n_words = W, .n_blocks = nb,
-                                  .block_words = bs / 64, .planes = (const uint64_t *)tp->data,
+                                  .block_words = bs / 64, .planes = tp ? (const uint64_t *)tp->data : NULL,
                                   .alpha = (const uint16_t *)ta->data, .mu = (const uint16_t *)tm->data};
-        m->info.n_linear_bytes += (int64_t)(tp->n_bytes + ta->n_bytes + tm->n_bytes);
-        /* parameter bits: one sign bit per kept weight of term 0 plus per set weight of residual terms */
-        uint64_t bits = 0;
-        for (int64_t i = 0; i < (int64_t)R * T * 2 * W; i++) bits += (uint64_t)__builtin_popcountll(L->sb.planes[i]);
-        m->info.param_bits += (double)bits;
+        m->info.n_linear_bytes += (int64_t)(tb->n_bytes + ta->n_bytes + tm->n_bytes);
+        if (tn) {
+            L->sb.nm = tn->data;
+            L->sb.nm_n = nm_n;
+            L->sb.nm_m = nm_m;
+            L->sb.nm_row_bytes = pbs2p_nm_row_bytes(K, nm_n, nm_m);
+            const int64_t bad = pbs2p_nm_first_bad(&L->sb);
+            if (bad >= 0)
+                return PBS2P_FAIL(PBS2P_ERR_FORMAT, "tensor %s: row %lld, group %lld has a pattern index >= C(%d,%d) = %d",
+                                  tn->name, (long long)(bad / (K / nm_m)), (long long)(bad % (K / nm_m)), nm_m, nm_n,
+                                  pbs2p_nm_patterns(nm_n, nm_m));
+            m->info.param_bits += (double)R * (K / nm_m) * nm_n; /* one sign bit per kept weight */
+        } else {
+            /* parameter bits: one sign bit per kept weight of term 0 plus per set weight of residual terms */
+            uint64_t bits = 0;
+            for (int64_t i = 0; i < (int64_t)R * T * 2 * W; i++) bits += (uint64_t)__builtin_popcountll(L->sb.planes[i]);
+            m->info.param_bits += (double)bits;
+        }
     } else {
-        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "missing linear %s (none of %s.weight, %s%s, %s.planes)", prefix, prefix,
-                          prefix, PBS2P_SPEC_SUFFIX_Q3, prefix);
+        return PBS2P_FAIL(PBS2P_ERR_FORMAT, "missing linear %s (none of %s.weight, %s%s, %s.planes, %s%s<N>of<M>)", prefix,
+                          prefix, prefix, PBS2P_SPEC_SUFFIX_Q3, prefix, prefix, PBS2P_SPEC_SUFFIX_NM);
     }
     m->info.n_linear_weights += (int64_t)R * K;
     snprintf(name, sizeof name, "%s.bias", prefix);
@@ -778,7 +825,7 @@ static void matmul_fn(void *arg, int32_t ith, int32_t nth) {
     range_split(R, ith, nth, &r0, &r1);
     if (r0 >= r1) return;
     if (L->is_sb) {
-        t->ctx->kern->sb_gemm(&L->sb, &t->ctx->act, t->y, R, r0, r1);
+        pbs2p_sb_gemm_any(t->ctx->kern, &L->sb, &t->ctx->act, t->y, R, r0, r1);
     } else if (q8_input(L->type)) {
         pbs2p_q8_act a = {.n_tok = t->n_tok, .n_blocks = K / 32, .q = t->ctx->q8_q, .d = t->ctx->q8_d};
         const pbs2p_kernels *k = t->ctx->kern;

@@ -85,7 +85,7 @@ static void test_batch(int32_t K, int32_t R, int32_t n_tok, int32_t bs, int32_t 
         }
     for (size_t i = 0; i < (size_t)R * T * nb; i++) alpha[i] = rand_f16();
     for (size_t i = 0; i < (size_t)R * nb; i++) mu[i] = rand_f16();
-    pbs2p_sb_weight w = {R, K, T, W, nb, bs / 64, planes, alpha, mu};
+    pbs2p_sb_weight w = {R, K, T, W, nb, bs / 64, planes, alpha, mu, NULL, 0, 0, 0};
     float *x = malloc((size_t)n_tok * K * sizeof(float));
     for (size_t i = 0; i < (size_t)n_tok * K; i++) x[i] = value((int)(rng() % 3) == 0 ? 7 : 0, (int32_t)i);
     const size_t n = pbs2p_sb_act_bytes(n_tok, K, bs);

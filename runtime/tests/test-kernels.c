@@ -68,7 +68,7 @@ static void make_weight(sb_case *c, int32_t R, int32_t K, int32_t T, int32_t bs,
     }
     for (size_t i = 0; i < (size_t)R * T * nb; i++) c->alpha[i] = rand_f16();
     for (size_t i = 0; i < (size_t)R * nb; i++) c->mu[i] = rand_f16();
-    c->w = (pbs2p_sb_weight){R, K, T, W, nb, bs / 64, c->planes, c->alpha, c->mu};
+    c->w = (pbs2p_sb_weight){R, K, T, W, nb, bs / 64, c->planes, c->alpha, c->mu, NULL, 0, 0, 0};
 }
 
 static void free_weight(sb_case *c) {
@@ -220,7 +220,7 @@ static void test_one_hot(void) {
     pbs2p_sb_quantize_ref(&act, x, K, 0, 1);
     uint64_t *planes = xalloc(2 * W * 8);
     uint16_t alpha[2] = {0x3c00, 0x3c00}, mu[2] = {0, 0};
-    pbs2p_sb_weight w = {1, K, 1, W, nb, bs / 64, planes, alpha, mu};
+    pbs2p_sb_weight w = {1, K, 1, W, nb, bs / 64, planes, alpha, mu, NULL, 0, 0, 0};
     for (int k = 0; pbs2p_kernel_names[k] != NULL; k++) {
         const pbs2p_kernels *kern = pbs2p_kernels_find(pbs2p_kernel_names[k]);
         if (kern == NULL) continue;
@@ -261,7 +261,7 @@ static void test_extreme(int32_t K, int32_t bs, float value, int neg) {
     uint16_t *alpha = xalloc((size_t)nb * 2), *mu = xalloc((size_t)nb * 2);
     for (int32_t j = 0; j < K; j++) planes[neg * W + j / 64] |= 1ull << (j % 64);
     for (int32_t b = 0; b < nb; b++) alpha[b] = mu[b] = 0x3c00;
-    pbs2p_sb_weight w = {1, K, 1, W, nb, bs / 64, planes, alpha, mu};
+    pbs2p_sb_weight w = {1, K, 1, W, nb, bs / 64, planes, alpha, mu, NULL, 0, 0, 0};
     int32_t *s_ref = xalloc((size_t)2 * nb * 4), *s_k = xalloc((size_t)2 * nb * 4);
     pbs2p_sb_sums_ref(&w, &act, s_ref, 0, 1);
     CHECK(s_ref[neg * nb] == (int32_t)(value > 0 ? 127 : -127) * (K < bs ? K : bs), "reference extreme sum %d",
@@ -316,6 +316,100 @@ static void test_quantizer(void) {
     CHECK(planes_ok, "zero block: scale 0 and u = 128 bit-planes");
     free(mem0);
     free(mem);
+}
+
+/* ------------------------------------------------------------------ the N:M code ------------------------ */
+
+/* Random exact N:M planes (one term), their N:M code written by this test's own encoder (docs/format.md: per row
+ * the K/M pattern indices of pb bits, the i-th pattern being the i-th M-bit mask of popcount N ascending, then one
+ * sign bit per kept weight in column order); every decoder must give the planes back, and every kernel on the
+ * coded weight the reference's results on the planes. */
+static void put_bits(uint8_t *p, int64_t bit, uint32_t v, int32_t nbits) {
+    for (int32_t b = 0; b < nbits; b++)
+        if ((v >> b) & 1) p[(bit + b) >> 3] |= (uint8_t)(1u << ((bit + b) & 7));
+}
+
+static void test_nm(int32_t K, int32_t R, int32_t n_tok, int32_t bs, int32_t N, int32_t M) {
+    const int32_t W = K / 64, nb = (K + bs - 1) / bs, G = K / M;
+    const int32_t pb = pbs2p_nm_pattern_bits(N, M), C = pbs2p_nm_patterns(N, M), rb = pbs2p_nm_row_bytes(K, N, M);
+    int32_t rank[256], c = 0;
+    for (int32_t x = 0; x < (1 << M); x++) rank[x] = __builtin_popcount((unsigned)x) == N ? c++ : -1;
+    CHECK(c == C && rb == G * pb / 8 + G * N / 8, "N:M %d:%d: %d patterns (expected %d), row bytes %d", N, M, C, c, rb);
+    uint64_t *planes = xalloc((size_t)R * 2 * W * 8);
+    uint8_t *code = malloc((size_t)R * rb); /* exact size: a decoder reading past the tensor shows under ASan */
+    uint16_t *alpha = xalloc((size_t)R * nb * 2), *mu = xalloc((size_t)R * nb * 2);
+    if (code == NULL) exit(2);
+    memset(code, 0, (size_t)R * rb);
+    for (int32_t r = 0; r < R; r++) {
+        uint64_t *pos = planes + (size_t)r * 2 * W, *neg = pos + W;
+        uint8_t *row = code + (size_t)r * rb, *signs = row + G * pb / 8;
+        int64_t sbit = 0;
+        for (int32_t g = 0; g < G; g++) {
+            uint32_t mask;
+            do mask = (uint32_t)(rng() & ((1u << M) - 1)); while (rank[mask] < 0);
+            put_bits(row, (int64_t)g * pb, (uint32_t)rank[mask], pb);
+            for (int32_t col = 0; col < M; col++) {
+                if (!((mask >> col) & 1)) continue;
+                const int32_t j = g * M + col, s = (int32_t)(rng() & 1);
+                (s ? pos : neg)[j / 64] |= 1ull << (j % 64);
+                put_bits(signs, sbit++, (uint32_t)s, 1);
+            }
+        }
+    }
+    for (size_t i = 0; i < (size_t)R * nb; i++) alpha[i] = rand_f16(), mu[i] = rand_f16();
+    const pbs2p_sb_weight wp = {R, K, 1, W, nb, bs / 64, planes, alpha, mu, NULL, 0, 0, 0};
+    const pbs2p_sb_weight wn = {R, K, 1, W, nb, bs / 64, NULL, alpha, mu, code, N, M, rb};
+    CHECK(pbs2p_nm_first_bad(&wn) == -1, "N:M %d:%d K=%d: valid code reported bad", N, M, K);
+
+    uint64_t *dec = xalloc((size_t)R * 2 * W * 8);
+    const pbs2p_nm_decode_fn decs[] = {pbs2p_nm_decode_ref, pbs2p_nm_decode_lut,
+                                       pbs2p_nm_decoder(pbs2p_kernels_find("auto"))};
+    const char *dnames[] = {"ref", "lut", "auto"};
+    for (int d = 0; d < 3; d++) {
+        memset(dec, 0xa5, (size_t)R * 2 * W * 8);
+        decs[d](&wn, 0, R, dec);
+        CHECK(memcmp(dec, planes, (size_t)R * 2 * W * 8) == 0, "decoder %s N:M %d:%d K=%d R=%d", dnames[d], N, M, K, R);
+        if (R > 2) { /* a sub-range lands at the buffer's start */
+            decs[d](&wn, 1, R - 1, dec);
+            CHECK(memcmp(dec, planes + 2 * W, (size_t)(R - 2) * 2 * W * 8) == 0, "decoder %s rows [1,%d) N:M %d:%d K=%d",
+                  dnames[d], R - 1, N, M, K);
+        }
+    }
+
+    float *x = make_x(n_tok, K, bs);
+    pbs2p_sb_act act;
+    void *mem = xalloc(pbs2p_sb_act_bytes(n_tok, K, bs));
+    pbs2p_sb_act_init(&act, mem, n_tok, K, bs);
+    pbs2p_sb_quantize_ref(&act, x, K, 0, n_tok);
+    const int32_t r0 = R > 2 ? 1 : 0, r1 = R;
+    const size_t n_sums = (size_t)n_tok * (r1 - r0) * 2 * nb, n_y = (size_t)n_tok * (R + 3);
+    int32_t *s_ref = xalloc(n_sums * 4), *s_k = xalloc(n_sums * 4);
+    float *y_ref = xalloc(n_y * 4), *y_k = xalloc(n_y * 4);
+    pbs2p_sb_sums_ref(&wp, &act, s_ref, r0, r1);
+    memset(y_ref, 0x7f, n_y * 4);
+    pbs2p_sb_gemm_ref(&wp, &act, y_ref, R + 3, r0, r1);
+    for (int k = -1; k < N_SIMD; k++) {
+        const pbs2p_kernels *kern = k < 0 ? &pbs2p_kernels_ref : pbs2p_kernels_find(simd_names[k]);
+        if (kern == NULL) continue;
+        memset(s_k, 0xa5, n_sums * 4);
+        pbs2p_sb_sums_any(kern, &wn, &act, s_k, r0, r1);
+        CHECK(memcmp(s_ref, s_k, n_sums * 4) == 0, "%s nm sums K=%d R=%d N:M %d:%d n_tok=%d", kern->name, K, R, N, M,
+              n_tok);
+        memset(y_k, 0x7f, n_y * 4);
+        pbs2p_sb_gemm_any(kern, &wn, &act, y_k, R + 3, r0, r1);
+        CHECK(memcmp(y_ref, y_k, n_y * 4) == 0, "%s nm gemm K=%d R=%d N:M %d:%d n_tok=%d", kern->name, K, R, N, M,
+              n_tok);
+    }
+    /* an index >= C(M, N) (where pb bits can hold one) is found at its row and group */
+    if ((1 << pb) > C) {
+        const int32_t r = R - 1, g = G - 1;
+        put_bits(code + (size_t)r * rb, (int64_t)g * pb, (1u << pb) - 1, pb);
+        CHECK(pbs2p_nm_first_bad(&wn) == (int64_t)r * G + g, "N:M %d:%d: bad index at row %d group %d not found", N, M,
+              r, g);
+        decs[2](&wn, 0, R, dec); /* stays in bounds (ASan) */
+    }
+    free(s_ref), free(s_k), free(y_ref), free(y_k), free(mem), free(x), free(dec);
+    free(planes), free(code), free(alpha), free(mu);
 }
 
 int main(void) {
@@ -385,6 +479,16 @@ int main(void) {
     test_q8(576, 65, 9, 1);
     test_q8(576, 65, 9, 2);
     test_q3_layout();
+
+    /* the N:M code: every N:M, K with whole 8-word VBMI steps and tails, row ranges, prefill and decode */
+    const int32_t Knm_full[] = {64, 576, 1536, 4096}, Knm_quick[] = {64, 576};
+    for (int32_t ki = 0; ki < (quick ? 2 : 4); ki++)
+        for (int32_t M = 4; M <= 8; M += 4)
+            for (int32_t N = 1; N <= M; N++) {
+                const int32_t K = quick ? Knm_quick[ki] : Knm_full[ki];
+                test_nm(K, 1 + (N * 7 + ki) % 5, 1, 128, N, M);
+                test_nm(K, 17, (N % 2) ? 9 : 2, ki % 2 ? 64 : 128, N, M);
+            }
 
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
