@@ -352,6 +352,7 @@ int main(int argc, char **argv) {
     }
     bench_nm(4096, 4096, 6, 128, c1);
     bench_nm(1536, 576, 6, 128, c1);
+    bench_nm(4096, 4096, 8, 128, c1); /* dense binary: the signs are the pos plane */
     if (csv) fclose(csv);
     return 0;
 }

@@ -350,8 +350,15 @@ void pbs2p_nm_decode_lut(const pbs2p_sb_weight *w, int32_t r0, int32_t r1, uint6
     for (int32_t r = r0; r < r1; r++) {
         const uint8_t *row = w->nm + (size_t)r * w->nm_row_bytes, *signs = row + (size_t)W * pbw;
         uint64_t *pos = out + (size_t)(r - r0) * 2 * W, *neg = pos + W;
+        if (pb == 0) { /* N = M: every weight kept, the signs are the pos plane */
+            for (int32_t i = 0; i < W; i++) {
+                pos[i] = load_le(signs + (size_t)i * 8, 8, end);
+                neg[i] = ~pos[i];
+            }
+            continue;
+        }
         for (int32_t i = 0; i < W; i++) {
-            uint64_t pf = pb ? load_le(row + (size_t)i * pbw, pbw, end) : 0;
+            uint64_t pf = load_le(row + (size_t)i * pbw, pbw, end);
             uint64_t sf = load_le(signs + (size_t)i * sbw, sbw, end);
             uint64_t kept = 0, p = 0;
             for (int32_t g = 0; g < gw; g++) {

@@ -970,8 +970,8 @@ const pbs2p_kernels pbs2p_kernels_avx2 = {"avx2", sb_gemm_pop2, sb_sums_pop2, q8
  * Eight words (64 groups of 8) per step for M = 8: the 8·pb pattern bytes in one masked load, each word's pb
  * bytes spread into its qword (VPERMB), the eight pb-bit indices of a qword pulled into bytes (VPMULTISHIFTQB),
  * the masks looked up in a 64- or 128-byte table (VPERMB / VPERMI2B: C(8, N) <= 70), then per word
- * pos = PDEP(its N sign bytes, kept), neg = kept & ~pos. Words past the last multiple of 8, M = 4, and rows read
- * near the end of the tensor go through pbs2p_nm_decode_lut: the same words. */
+ * pos = PDEP(its N sign bytes, kept), neg = kept & ~pos (a row's last step loads only its words' bytes). M = 4,
+ * N = M and the tensor's last row go through pbs2p_nm_decode_lut: the same words. */
 
 #define TARGET_VBMI __attribute__((target("avx2,popcnt,bmi2,avx512f,avx512bw,avx512vbmi")))
 
@@ -995,7 +995,6 @@ TARGET_VBMI void pbs2p_nm_decode_vbmi(const pbs2p_sb_weight *w, int32_t r0, int3
     const __mmask64 lmask = _cvtu64_mask64(((uint64_t)1 << (8 * pb)) - 1); /* 8·pb <= 56 bytes */
     const uint64_t smask = n == 8 ? ~(uint64_t)0 : ((uint64_t)1 << (8 * n)) - 1;
     const uint8_t *end = w->nm + (size_t)w->n_out * w->nm_row_bytes;
-    const int32_t W8 = W & ~7;
     for (int32_t r = r0; r < r1; r++) {
         const uint8_t *row = w->nm + (size_t)r * w->nm_row_bytes, *signs = row + (size_t)W * pb;
         uint64_t *pos = out + (size_t)(r - r0) * 2 * W, *neg = pos + W;
@@ -1003,28 +1002,21 @@ TARGET_VBMI void pbs2p_nm_decode_vbmi(const pbs2p_sb_weight *w, int32_t r0, int3
             pbs2p_nm_decode_lut(w, r, r + 1, pos);
             continue;
         }
-        for (int32_t i = 0; i < W8; i += 8) {
-            const __m512i raw = _mm512_maskz_loadu_epi8(lmask, row + (size_t)i * pb);
+        for (int32_t i = 0; i < W; i += 8) {
+            const int32_t nw = W - i < 8 ? W - i : 8; /* the last step of a row may hold fewer words */
+            const __mmask64 lm = nw == 8 ? lmask : _cvtu64_mask64(((uint64_t)1 << (nw * pb)) - 1);
+            const __m512i raw = _mm512_maskz_loadu_epi8(lm, row + (size_t)i * pb);
             const __m512i idx = _mm512_and_si512(_mm512_multishift_epi64_epi8(vshift, _mm512_permutexvar_epi8(vspread, raw)),
                                                  vpmask);
             uint64_t kept[8];
             _mm512_storeu_si512((void *)kept, _mm512_permutex2var_epi8(tlo, idx, thi));
-            for (int j = 0; j < 8; j++) {
+            for (int j = 0; j < nw; j++) {
                 uint64_t sf;
                 memcpy(&sf, signs + (size_t)(i + j) * n, 8);
                 const uint64_t p = _pdep_u64(sf & smask, kept[j]);
                 pos[i + j] = p;
                 neg[i + j] = kept[j] & ~p;
             }
-        }
-        for (int32_t i = W8; i < W; i++) { /* the row's last W % 8 words */
-            uint64_t pf = 0, sf = 0, kept = 0;
-            memcpy(&pf, row + (size_t)i * pb, (size_t)pb);
-            memcpy(&sf, signs + (size_t)i * n, (size_t)n);
-            for (int g = 0; g < 8; g++) kept |= (uint64_t)tab[(pf >> (g * pb)) & ((1u << pb) - 1)] << (8 * g);
-            const uint64_t p = _pdep_u64(sf, kept);
-            pos[i] = p;
-            neg[i] = kept & ~p;
         }
     }
 }
