@@ -532,14 +532,19 @@ enum { POP512_CHUNK = 256 }; /* words per int16-safe chunk: plane counts <= 64·
 /* 8 block vectors m[j] (dword 2k = weighted pos count of plane k, 2k+1 = neg) -> one vector of their 16
  * horizontal sums: dword 4j = pos of m[j], 4j+1 = neg of m[j], 4j+2 = pos of m[j+4], 4j+3 = neg of m[j+4].
  * A transposed add tree: 256-bit halves, then 128-bit lanes, then qwords (21 uops for 8 blocks). */
-TARGET_AVX512POP INLINE __m512i pop512_reduce8(const __m512i m[8]) {
-    __m512i s[4];
-    for (int i = 0; i < 4; i++)
-        s[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(m[2 * i], m[2 * i + 1], 0x44),
-                                _mm512_shuffle_i64x2(m[2 * i], m[2 * i + 1], 0xEE));
-    const __m512i t0 = _mm512_add_epi32(_mm512_shuffle_i64x2(s[0], s[1], 0x88), _mm512_shuffle_i64x2(s[0], s[1], 0xDD));
-    const __m512i t1 = _mm512_add_epi32(_mm512_shuffle_i64x2(s[2], s[3], 0x88), _mm512_shuffle_i64x2(s[2], s[3], 0xDD));
+TARGET_AVX512POP INLINE __m512i pop512_reduce8v(__m512i m0, __m512i m1, __m512i m2, __m512i m3, __m512i m4,
+                                                __m512i m5, __m512i m6, __m512i m7) {
+    const __m512i s0 = _mm512_add_epi32(_mm512_shuffle_i64x2(m0, m1, 0x44), _mm512_shuffle_i64x2(m0, m1, 0xEE));
+    const __m512i s1 = _mm512_add_epi32(_mm512_shuffle_i64x2(m2, m3, 0x44), _mm512_shuffle_i64x2(m2, m3, 0xEE));
+    const __m512i s2 = _mm512_add_epi32(_mm512_shuffle_i64x2(m4, m5, 0x44), _mm512_shuffle_i64x2(m4, m5, 0xEE));
+    const __m512i s3 = _mm512_add_epi32(_mm512_shuffle_i64x2(m6, m7, 0x44), _mm512_shuffle_i64x2(m6, m7, 0xEE));
+    const __m512i t0 = _mm512_add_epi32(_mm512_shuffle_i64x2(s0, s1, 0x88), _mm512_shuffle_i64x2(s0, s1, 0xDD));
+    const __m512i t1 = _mm512_add_epi32(_mm512_shuffle_i64x2(s2, s3, 0x88), _mm512_shuffle_i64x2(s2, s3, 0xDD));
     return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+}
+
+TARGET_AVX512POP INLINE __m512i pop512_reduce8(const __m512i m[8]) {
+    return pop512_reduce8v(m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]);
 }
 
 /* Writes the sums of units u0 .. u0+n-1 (unit u = t·nb + b) from n pending block vectors. */
@@ -558,12 +563,11 @@ TARGET_AVX512POP INLINE void pop512_flush(__m512i pend[8], int n, int32_t *out, 
  * vector, without storing the sums: vpermd gathers pos counts into lanes 0–7 and neg into 8–15, then every lane
  * does pbs2p_sb_combine_row's float steps (s = 0 + α·(S⁺ − S⁻); s += μ·(S⁺ + S⁻); c = s_b·s). Writes c[u0 .. u0+8)
  * (lanes past n are garbage that rowsum never reads; c rows are padded to 16). */
-TARGET_AVX512POP INLINE void pop512_flush_c(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row,
-                                            int32_t tok, __m512i pend[8], int n, float *c, int32_t u0) {
+TARGET_AVX512POP INLINE void pop512_flush_cr(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row,
+                                             int32_t tok, __m512i reduced, int n, float *c, int32_t u0) {
     const int32_t nb = w->n_blocks;
-    for (int j = n; j < 8; j++) pend[j] = _mm512_setzero_si512();
     const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15);
-    const __m512i pn = _mm512_permutexvar_epi32(idx, pop512_reduce8(pend));
+    const __m512i pn = _mm512_permutexvar_epi32(idx, reduced);
     const __m256i sp = _mm512_castsi512_si256(pn), sn = _mm512_extracti64x4_epi64(pn, 1);
     const __mmask32 m = (__mmask32)((1u << n) - 1u);
     const __m256 a = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_maskz_loadu_epi16(m, w->alpha + (size_t)row * nb + u0)));
@@ -572,6 +576,13 @@ TARGET_AVX512POP INLINE void pop512_flush_c(const pbs2p_sb_weight *w, const pbs2
     __m256 s = _mm256_add_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, _mm256_cvtepi32_ps(_mm256_sub_epi32(sp, sn))));
     s = _mm256_add_ps(s, _mm256_mul_ps(mu, _mm256_cvtepi32_ps(_mm256_add_epi32(sp, sn))));
     _mm256_storeu_ps(c + u0, _mm256_mul_ps(xs, s));
+}
+
+/* pend[n .. 8) zeroed here, then pop512_flush_cr. */
+TARGET_AVX512POP INLINE void pop512_flush_c(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row,
+                                            int32_t tok, __m512i pend[8], int n, float *c, int32_t u0) {
+    for (int j = n; j < 8; j++) pend[j] = _mm512_setzero_si512();
+    pop512_flush_cr(w, act, row, tok, pop512_reduce8(pend), n, c, u0);
 }
 
 /* One row, NT tokens. Per 64 weights (one pos and one neg word) and token, the inner loop is
@@ -656,6 +667,40 @@ static void sb_sums_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, in
     sb_sums_drive(pop512_tile, w, act, sums, r0, r1);
 }
 
+/* One row, one token, T = 1, blocks of at most POP512_CHUNK words: pop512_tile_n's sums and flush with the 8
+ * pending block vectors in named registers (the generic tile indexes them by a running count, so they live on
+ * the stack, and the flush's reloads of just-stored vectors cost as much as the popcounts at bs = 128). The same
+ * integer operations in the same order: bit-identical. */
+TARGET_AVX512POP INLINE __m512i pop512_block1(const uint64_t *xp, const uint64_t *pos, const uint64_t *neg,
+                                              int32_t i0, int32_t i1) {
+    const __m512i flip7 = _mm512_set_epi64(-1, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i wts = _mm512_set_epi64((long long)0xff800000ff80ull, 0x0000004000000040ll, 0x0000002000000020ll,
+                                         0x0000001000000010ll, 0x0000000800000008ll, 0x0000000400000004ll,
+                                         0x0000000200000002ll, 0x0000000100000001ll);
+    __m512i ap = _mm512_setzero_si512(), an = _mm512_setzero_si512();
+    for (int32_t i = i0; i < i1; i++) {
+        const __m512i X = _mm512_loadu_si512((const void *)(xp + (size_t)i * 8));
+        ap = _mm512_add_epi64(ap, _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(X, flip7, _mm512_set1_epi64((long long)pos[i]), 0x28)));
+        an = _mm512_add_epi64(an, _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(X, flip7, _mm512_set1_epi64((long long)neg[i]), 0x28)));
+    }
+    return _mm512_madd_epi16(_mm512_mask_shuffle_epi32(ap, 0xAAAA, an, _MM_PERM_CDAB), wts);
+}
+
+TARGET_AVX512POP INLINE void pop512_row1(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row, int32_t tok,
+                                         float *cout) {
+    const int32_t W = w->n_words, nb = w->n_blocks, bw = w->block_words;
+    const uint64_t *xp = act->xplanes + (size_t)tok * W * 8;
+    const uint64_t *pos = w->planes + (size_t)row * 2 * W, *neg = pos + W;
+#define POP512_B(j) (b0 + (j) < nb ? pop512_block1(xp, pos, neg, (b0 + (j)) * bw, \
+                                                   (b0 + (j) + 1) * bw < W ? (b0 + (j) + 1) * bw : W) : _mm512_setzero_si512())
+    for (int32_t b0 = 0; b0 < nb; b0 += 8) {
+        const __m512i r = pop512_reduce8v(POP512_B(0), POP512_B(1), POP512_B(2), POP512_B(3), POP512_B(4),
+                                          POP512_B(5), POP512_B(6), POP512_B(7));
+        pop512_flush_cr(w, act, row, tok, r, nb - b0 < 8 ? nb - b0 : 8, cout, b0);
+    }
+#undef POP512_B
+}
+
 /* T = 1: contributions computed in the tile's flush (no sums round trip), then rowsum per 16-row group. */
 TARGET_AVX512POP static void pop512_gemm_t1(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y, int64_t ldy,
                                             int32_t r0, int32_t r1) {
@@ -669,6 +714,10 @@ TARGET_AVX512POP static void pop512_gemm_t1(const pbs2p_sb_weight *w, const pbs2
             for (int32_t i = 0; i < g; i++) {
                 float *ci = c + (size_t)i * ldc;
                 const size_t cs = (size_t)G * ldc;
+                if (nt == 1 && w->block_words <= POP512_CHUNK) {
+                    pop512_row1(w, act, rg + i, t0, ci);
+                    continue;
+                }
                 switch (nt) {
                 case 1: pop512_tile_n(w, act, rg + i, t0, NULL, 0, 1, ci, cs); break;
                 case 2: pop512_tile_n(w, act, rg + i, t0, NULL, 0, 2, ci, cs); break;
