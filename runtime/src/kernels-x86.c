@@ -1024,6 +1024,20 @@ const pbs2p_kernels pbs2p_kernels_avx2 = {"avx2", sb_gemm_pop2, sb_sums_pop2, q8
 
 #define TARGET_VBMI __attribute__((target("avx2,popcnt,bmi2,avx512f,avx512bw,avx512vbmi")))
 
+/* pos = PDEP(signs, kept), neg = kept & ~pos for nw words. Compiled without AVX-512 and not inlined: inside the
+ * AVX-512 function gcc moves these scalars through mask registers (kmovq / kandnq), twice as slow. */
+__attribute__((target("bmi2"), noinline)) static void nm_pos_neg(const uint8_t *signs, int n, uint64_t smask,
+                                                                  const uint64_t *kept, int nw, uint64_t *pos,
+                                                                  uint64_t *neg) {
+    for (int j = 0; j < nw; j++) {
+        uint64_t sf;
+        memcpy(&sf, signs + (size_t)j * n, 8);
+        const uint64_t p = _pdep_u64(sf & smask, kept[j]);
+        pos[j] = p;
+        neg[j] = kept[j] & ~p;
+    }
+}
+
 TARGET_VBMI void pbs2p_nm_decode_vbmi(const pbs2p_sb_weight *w, int32_t r0, int32_t r1, uint64_t *out) {
     const int32_t n = w->nm_n, W = w->n_words, pb = pbs2p_nm_pattern_bits(n, w->nm_m);
     if (w->nm_m != 8 || pb == 0) {
@@ -1059,13 +1073,7 @@ TARGET_VBMI void pbs2p_nm_decode_vbmi(const pbs2p_sb_weight *w, int32_t r0, int3
                                                  vpmask);
             uint64_t kept[8];
             _mm512_storeu_si512((void *)kept, _mm512_permutex2var_epi8(tlo, idx, thi));
-            for (int j = 0; j < nw; j++) {
-                uint64_t sf;
-                memcpy(&sf, signs + (size_t)(i + j) * n, 8);
-                const uint64_t p = _pdep_u64(sf & smask, kept[j]);
-                pos[i + j] = p;
-                neg[i + j] = kept[j] & ~p;
-            }
+            nm_pos_neg(signs + (size_t)i * n, n, smask, kept, nw, pos + i, neg + i);
         }
     }
 }
