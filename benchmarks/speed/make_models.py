@@ -76,9 +76,11 @@ def smollm2(out: Path, convert: Path) -> None:
     if not (hf / "config.json").exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from pbs2p.exporter.models import load_gguf_model
+
         g = smol_gguf()
         tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name)
+        loaded = load_gguf_model(g)  # from_pretrained(gguf_file=) needs `accelerate` in transformers 5
         # a GGUF-loaded model counts as quantized and refuses save_pretrained: copy it into a plain one
         model = AutoModelForCausalLM.from_config(loaded.config)
         model.load_state_dict(loaded.state_dict())
