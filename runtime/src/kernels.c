@@ -140,7 +140,8 @@ _Static_assert(NM_CHUNK_WORDS >= 2 * (PBS2P_SPEC_MAX_BLOCK_SIZE / 64), "one row 
 
 typedef struct nm_view {
     pbs2p_sb_weight w; /* rows [rc, rc + g) of the original as planes */
-    uint64_t *buf, stack[NM_CHUNK_WORDS];
+    uint64_t *buf;
+    _Alignas(64) uint64_t stack[NM_CHUNK_WORDS]; /* 64-byte aligned like a mapped planes tensor */
     int32_t chunk;
     int heap;
 } nm_view;
