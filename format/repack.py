@@ -15,13 +15,13 @@ import numpy as np
 from .encoding import nm_groups
 from .plan import Plan
 from .reader import ModelFile
-from .spec import KEY_ALIGNMENT, KEY_ARCHITECTURE, KEY_FORMAT_VERSION, KEY_NM_M, KEY_PLAN, FormatError
+from .spec import KEY_ALIGNMENT, KEY_ARCHITECTURE, KEY_FORMAT_VERSION, KEY_NM_M, KEY_PLAN, WORD_BITS, FormatError
 from .writer import ModelWriter
 
 
 def _nm_of(sb, m_file: int) -> tuple[int, int] | None:
     """(N, M) of the N:M code that holds this layer exactly, or None (two terms, K % 64, uneven groups)."""
-    if sb.n_terms != 1 or sb.n_in % 64:
+    if sb.n_terms != 1 or sb.n_in % WORD_BITS:
         return None
     bits = np.unpackbits(sb.planes[0].reshape(2, -1), axis=-1, bitorder="little")
     kept = bits[0] | bits[1]
@@ -43,13 +43,16 @@ def repack(src: str | os.PathLike[str], dst: str | os.PathLike[str], nm_code: bo
     mf = ModelFile(src)
     m_file = int(mf.kv.get(KEY_NM_M, 0) or 0)
     sbs = {pre: mf.sb(pre) for pre in mf.linear_prefixes() if mf.is_sb(pre)}
-    for pre, sb in sbs.items():
-        sb.nm = _nm_of(sb, m_file) if nm_code else None
     before = after = 0
     for pre in mf.linear_prefixes():
-        n, b, _ = mf.linear_weights(pre)
-        before += b
-        after += sbs[pre].nbytes() if pre in sbs else b
+        if pre in sbs:  # the layer read once: its bytes as stored, then as re-encoded
+            sb = sbs[pre]
+            before += sb.nbytes()
+            sb.nm = _nm_of(sb, m_file) if nm_code else None
+            after += sb.nbytes()
+        else:
+            b = mf.linear_weights(pre)[1]
+            before, after = before + b, after + b
     with ModelWriter(dst, mf.family, overwrite=force) as w:
         for key, value, vtype in mf.entries(""):
             if key in (KEY_ARCHITECTURE, KEY_ALIGNMENT, KEY_FORMAT_VERSION):

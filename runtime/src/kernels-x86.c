@@ -585,6 +585,21 @@ TARGET_AVX512POP INLINE void pop512_flush_c(const pbs2p_sb_weight *w, const pbs2
     pop512_flush_cr(w, act, row, tok, pop512_reduce8(pend), n, c, u0);
 }
 
+/* One word's 8 plane counts for weight word P: popcount((X ^ lane-7 flip) & P) per qword lane k (imm 0x28 =
+ * (a ^ b) & c; the flip makes plane 7 the weight −128 plane of (*)). */
+TARGET_AVX512POP INLINE __m512i pop512_word(__m512i X, __m512i P) {
+    return _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(X, _mm512_set_epi64(-1, 0, 0, 0, 0, 0, 0, 0), P, 0x28));
+}
+
+/* A block's pos (ap) and neg (an) plane counts into one vector: the pos counts in the even dwords, the neg in the
+ * odd, each weighted by (w_k, 0, w_k, 0) per qword lane k (vpmaddwd applies (*) to both). */
+TARGET_AVX512POP INLINE __m512i pop512_weigh(__m512i ap, __m512i an) {
+    const __m512i wts = _mm512_set_epi64((long long)0xff800000ff80ull, 0x0000004000000040ll, 0x0000002000000020ll,
+                                         0x0000001000000010ll, 0x0000000800000008ll, 0x0000000400000004ll,
+                                         0x0000000200000002ll, 0x0000000100000001ll);
+    return _mm512_madd_epi16(_mm512_mask_shuffle_epi32(ap, 0xAAAA, an, _MM_PERM_CDAB), wts);
+}
+
 /* One row, NT tokens. Per 64 weights (one pos and one neg word) and token, the inner loop is
  *   vpternlogq (X ^ lane-7 flip) & bcast(P)  ·  vpopcntq  ·  vpaddq      for P and for N: 6 vector uops,
  * the broadcasts are loads shared by the tile's tokens. Per block: one vpshufd merging the pos and neg qword
@@ -596,11 +611,6 @@ TARGET_AVX512POP INLINE void pop512_tile_n(const pbs2p_sb_weight *w, const pbs2p
     const int32_t T = w->n_terms, W = w->n_words, nb = w->n_blocks, bw = w->block_words, TB = T * nb;
     const size_t xs = (size_t)W * 8;
     const uint64_t *xp = act->xplanes + (size_t)tok0 * xs;
-    const __m512i flip7 = _mm512_set_epi64(-1, 0, 0, 0, 0, 0, 0, 0);
-    /* int16 weights (w_k, 0, w_k, 0) per qword lane k */
-    const __m512i wts = _mm512_set_epi64((long long)0xff800000ff80ull, 0x0000004000000040ll, 0x0000002000000020ll,
-                                         0x0000001000000010ll, 0x0000000800000008ll, 0x0000000400000004ll,
-                                         0x0000000200000002ll, 0x0000000100000001ll);
     __m512i pend[SB_TILE][8];
     int np = 0;
     int32_t u0 = 0;
@@ -621,16 +631,12 @@ TARGET_AVX512POP INLINE void pop512_tile_n(const pbs2p_sb_weight *w, const pbs2p
                     #pragma GCC unroll 4
                     for (int tt = 0; tt < NT; tt++) {
                         const __m512i X = _mm512_loadu_si512((const void *)(xp + tt * xs + (size_t)i * 8));
-                        /* imm 0x28 = (a ^ b) & c */
-                        ap[tt] = _mm512_add_epi64(ap[tt], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(X, flip7, P, 0x28)));
-                        an[tt] = _mm512_add_epi64(an[tt], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(X, flip7, N, 0x28)));
+                        ap[tt] = _mm512_add_epi64(ap[tt], pop512_word(X, P));
+                        an[tt] = _mm512_add_epi64(an[tt], pop512_word(X, N));
                     }
                 }
                 #pragma GCC unroll 4
-                for (int tt = 0; tt < NT; tt++) {
-                    const __m512i pn = _mm512_mask_shuffle_epi32(ap[tt], 0xAAAA, an[tt], _MM_PERM_CDAB);
-                    m[tt] = _mm512_add_epi32(m[tt], _mm512_madd_epi16(pn, wts));
-                }
+                for (int tt = 0; tt < NT; tt++) m[tt] = _mm512_add_epi32(m[tt], pop512_weigh(ap[tt], an[tt]));
             }
             #pragma GCC unroll 4
             for (int tt = 0; tt < NT; tt++) pend[tt][np] = m[tt];
@@ -673,17 +679,13 @@ static void sb_sums_pop512(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, in
  * integer operations in the same order: bit-identical. */
 TARGET_AVX512POP INLINE __m512i pop512_block1(const uint64_t *xp, const uint64_t *pos, const uint64_t *neg,
                                               int32_t i0, int32_t i1) {
-    const __m512i flip7 = _mm512_set_epi64(-1, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i wts = _mm512_set_epi64((long long)0xff800000ff80ull, 0x0000004000000040ll, 0x0000002000000020ll,
-                                         0x0000001000000010ll, 0x0000000800000008ll, 0x0000000400000004ll,
-                                         0x0000000200000002ll, 0x0000000100000001ll);
     __m512i ap = _mm512_setzero_si512(), an = _mm512_setzero_si512();
     for (int32_t i = i0; i < i1; i++) {
         const __m512i X = _mm512_loadu_si512((const void *)(xp + (size_t)i * 8));
-        ap = _mm512_add_epi64(ap, _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(X, flip7, _mm512_set1_epi64((long long)pos[i]), 0x28)));
-        an = _mm512_add_epi64(an, _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(X, flip7, _mm512_set1_epi64((long long)neg[i]), 0x28)));
+        ap = _mm512_add_epi64(ap, pop512_word(X, _mm512_set1_epi64((long long)pos[i])));
+        an = _mm512_add_epi64(an, pop512_word(X, _mm512_set1_epi64((long long)neg[i])));
     }
-    return _mm512_madd_epi16(_mm512_mask_shuffle_epi32(ap, 0xAAAA, an, _MM_PERM_CDAB), wts);
+    return pop512_weigh(ap, an);
 }
 
 TARGET_AVX512POP INLINE void pop512_row1(const pbs2p_sb_weight *w, const pbs2p_sb_act *act, int32_t row, int32_t tok,

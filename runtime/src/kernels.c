@@ -139,7 +139,6 @@ enum { NM_CHUNK_WORDS = 2048, NM_WHOLE_TOK = 8 };
 _Static_assert(NM_CHUNK_WORDS >= 2 * (PBS2P_SPEC_MAX_BLOCK_SIZE / 64), "one row of the largest K fits the buffer");
 
 typedef struct nm_view {
-    pbs2p_sb_weight w; /* rows [rc, rc + g) of the original as planes */
     uint64_t *buf;
     _Alignas(64) uint64_t stack[NM_CHUNK_WORDS]; /* 64-byte aligned like a mapped planes tensor */
     int32_t chunk;
@@ -161,15 +160,17 @@ static void nm_view_init(nm_view *v, const pbs2p_sb_weight *w, int32_t n_tok, in
     }
 }
 
-/* Decode rows [rc, rc + g) (g <= chunk) into the view. */
-static void nm_view_rows(nm_view *v, const pbs2p_sb_weight *w, pbs2p_nm_decode_fn dec, int32_t rc, int32_t g) {
-    dec(w, rc, rc + g, v->buf);
-    v->w = *w;
-    v->w.n_out = g;
-    v->w.planes = v->buf;
-    v->w.nm = NULL;
-    v->w.alpha = w->alpha + (size_t)rc * w->n_terms * w->n_blocks;
-    v->w.mu = w->mu + (size_t)rc * w->n_blocks;
+/* Rows [r0, r0 + g) of an N:M-coded w, decoded into buf, as a planes weight of g rows. */
+static pbs2p_sb_weight nm_decoded(const pbs2p_sb_weight *w, pbs2p_nm_decode_fn dec, int32_t r0, int32_t g,
+                                  uint64_t *buf) {
+    dec(w, r0, r0 + g, buf);
+    pbs2p_sb_weight v = *w;
+    v.n_out = g;
+    v.planes = buf;
+    v.nm = NULL;
+    v.alpha = w->alpha + (size_t)r0 * w->n_terms * w->n_blocks;
+    v.mu = w->mu + (size_t)r0 * w->n_blocks;
+    return v;
 }
 
 void pbs2p_sb_gemm_any(const pbs2p_kernels *k, const pbs2p_sb_weight *w, const pbs2p_sb_act *act, float *y,
@@ -183,8 +184,8 @@ void pbs2p_sb_gemm_any(const pbs2p_kernels *k, const pbs2p_sb_weight *w, const p
     nm_view_init(&v, w, act->n_tok, r0, r1);
     for (int32_t rc = r0; rc < r1; rc += v.chunk) {
         const int32_t g = r1 - rc < v.chunk ? r1 - rc : v.chunk;
-        nm_view_rows(&v, w, dec, rc, g);
-        k->sb_gemm(&v.w, act, y + rc, ldy, 0, g);
+        const pbs2p_sb_weight d = nm_decoded(w, dec, rc, g, v.buf);
+        k->sb_gemm(&d, act, y + rc, ldy, 0, g);
     }
     if (v.heap) free(v.buf);
 }
@@ -203,14 +204,8 @@ void pbs2p_sb_sums_any(const pbs2p_kernels *k, const pbs2p_sb_weight *w, const p
         memset(sums, 0, (size_t)act->n_tok * (r1 - r0) * 2 * w->n_terms * w->n_blocks * sizeof *sums);
         return;
     }
-    pbs2p_nm_decoder(k)(w, r0, r1, buf);
-    pbs2p_sb_weight v = *w;
-    v.n_out = r1 - r0;
-    v.planes = buf;
-    v.nm = NULL;
-    v.alpha = w->alpha + (size_t)r0 * w->n_terms * w->n_blocks;
-    v.mu = w->mu + (size_t)r0 * w->n_blocks;
-    k->sb_sums(&v, act, sums, 0, r1 - r0);
+    const pbs2p_sb_weight d = nm_decoded(w, pbs2p_nm_decoder(k), r0, r1 - r0, buf);
+    k->sb_sums(&d, act, sums, 0, r1 - r0);
     free(buf);
 }
 
