@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     row("pbs2p", "pbs2p C runtime", st["file_bytes"], st["storage_bpw"], bench_pbs2p(src, text, a.windows, a.threads))
     hf_bytes = sum(p.stat().st_size for p in paths["hf"].iterdir())
     row("hf", "transformers float32", hf_bytes, 32.0, bench_hf(paths["hf"], ids, a.windows, a.threads))
+    print(gguf_llama.summary(gg), file=sys.stderr, flush=True)
     row("gguf-llama", "llama.cpp (llama-cpp-python)", gg["file_bytes"], gg["storage_bpw"],
-        bench_llama_cpp(paths["gguf-llama"], ids, a.windows, a.threads, prompt_ids))
+        {**bench_llama_cpp(paths["gguf-llama"], ids, a.windows, a.threads, prompt_ids),
+         "linears": gg["linears"], "reencoded": len(gg["reencoded"]), "max_rel_err": gg["max_rel_err"]})
     row("onnx", "onnxruntime, accuracy_level 0", ox["file_bytes"], ox["storage_bpw"],
         bench_onnx(paths["onnx"], text, a.windows, a.threads, prompt_ids))
     row("onnx", "onnxruntime, accuracy_level 4", ox["file_bytes"], ox["storage_bpw"],
