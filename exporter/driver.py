@@ -335,13 +335,17 @@ def compress(loaded: Any, cfg: QuantConfig, windows: torch.Tensor | None, calibr
         lins = arch.block_linears(layer, fam)
         fp_out, accs, owner = _run_block_hessians(layer, lins, inps, kwargs, dev)
         scfg = cfg.layer_solver(nm_n[li])
+        hinvs: dict[Any, solver.Hinv] = {}  # one factorisation per input: q/k/v (and gate/up) share their H
         for path, gname, lin in lins:
             bar.set_postfix_str(f"blk {li} {gname}")
             t1 = time.time()
             W = lin.weight.data.float().clone()
             pre = f"blk.{li}.{gname}"
             code = plan.code(pre) if plan else ""
-            obj, w_hat, stats = planner.solve(code, W, accs[owner[gname]].H, scfg)
+            H = accs[owner[gname]].H
+            if scfg.method != "sign" and owner[gname] not in hinvs:
+                hinvs[owner[gname]] = solver.prepare_hinv(H, scfg.percdamp, W.device)
+            obj, w_hat, stats = planner.solve(code, W, H, scfg, hinvs.get(owner[gname]))
             w_hat = w_hat.to(device=W.device, dtype=torch.float32)
             back = obj.dequantize()
             if not np.array_equal(back, w_hat.cpu().numpy()):  # the packed bytes hold exactly Ŵ
@@ -354,7 +358,7 @@ def compress(loaded: Any, cfg: QuantConfig, windows: torch.Tensor | None, calibr
             records.append(LayerRecord(li, gname, tuple(W.shape), n, m, stats["err_w"], stats["err_out"],
                                        time.time() - t1, obj.nbytes(), pbits, dict(stats), code))
             bar.update(1)
-        del accs
+        del accs, hinvs
         q_out = run_block(layer, inps, kwargs)
         block_err.append(block_error(q_out, fp_out))
         if ckpt is not None:

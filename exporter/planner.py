@@ -131,14 +131,15 @@ def allocate(options: dict[str, list[tuple[str, int, float]]], budget: int) -> d
 
 # --- measurement (pass 1) ----------------------------------------------------------------------------------
 
-def solve(code: str, W: torch.Tensor, H: torch.Tensor, base: solver.SolverConfig) -> tuple[Any, torch.Tensor, dict]:
+def solve(code: str, W: torch.Tensor, H: torch.Tensor, base: solver.SolverConfig, hinv: solver.Hinv | None = None
+          ) -> tuple[Any, torch.Tensor, dict]:
     """Compress one linear in `code` ("" = base's own sparse-binary settings): (fmt.SbLinear or fmt.QLinear, its
-    exact w_hat, stats)."""
+    exact w_hat, stats). `hinv`: solver.prepare_hinv(H, base.percdamp), shared by several codes' solves."""
     if code in solver.Q_CODES:
-        r = solver.compress_q(W, H, code, base.percdamp)
+        r = solver.compress_q(W, H, code, base.percdamp, hinv)
         return fmt.pack_q(r.gtype, r.d, r.q), r.w_hat, r.stats
     sc = code_solver(code, base) if code else base
-    r = solver.compress_layer(W, H, sc)
+    r = solver.compress_layer(W, H, sc, hinv)
     return fmt.pack_sb(r.terms, r.alpha, r.mu, sc.block_size, sc.file_code(W.shape[1])), r.w_hat, r.stats
 
 
@@ -214,20 +215,24 @@ def measure(model: Any, fam: Any, windows: torch.Tensor, base: solver.SolverConf
     for li, layer in enumerate(layers):
         lins = arch.block_linears(layer, fam)
         out, accs, owner = driver._run_block_hessians(layer, lins, inps, kwargs, dev)
+        hinvs: dict[Any, solver.Hinv] = {}
         for _, g, lin in lins:
             pre = f"blk.{li}.{g}"
             W = lin.weight.data.float().clone()
             H = accs[owner[g]].H
+            if owner[g] not in hinvs:  # one factorisation per input (q/k/v share one) for every code's solve
+                hinvs[owner[g]] = solver.prepare_hinv(H, base.percdamp, W.device)
+            hinv = hinvs[owner[g]]
             opts = []
             for code in codes:
                 nb = code_bytes(code, W.shape[0], W.shape[1], base)
                 if nb is None:
                     continue
-                _, w_hat, _ = solve(code, W.clone(), H, base)
+                _, w_hat, _ = solve(code, W.clone(), H, base, hinv)
                 opts.append((code, nb, damage(sensitivity, W, w_hat, H, F.get(pre))))
             options[pre] = opts
             bar.update(1)
-        del accs
+        del accs, hinvs
         inps = out
     bar.close()
     return options

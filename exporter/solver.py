@@ -359,15 +359,22 @@ def _fit_block(W: torch.Tensor, d: torch.Tensor, xnorm: torch.Tensor, cfg: Solve
     return torch.stack([term0, term1]), torch.stack([a0, a1], 1), mu, k
 
 
-def _prepare_hinv(H: torch.Tensor, W: torch.Tensor, percdamp: float):
-    """GPTQ's preparation: dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0 (in place); damp by
-    percdamp·mean(diag H) (×10 per retry if still not positive definite); Hinv = upper Cholesky factor of H⁻¹
-    (float64 factorisation, returned float32)."""
-    H = H.to(W.device, torch.float64, copy=True)
+@dataclass(frozen=True)
+class Hinv:
+    """GPTQ's preparation of one Hessian, shared by every solve against it (the budget planner tries several codes
+    on one H; the factorisation is most of a wide layer's solve: K = 4864 takes seconds)."""
+    factor: torch.Tensor  # float32 (K, K): upper Cholesky factor of (H + damp·I)⁻¹, dead inputs' H_jj set to 1
+    dead: torch.Tensor    # bool (K,): inputs with H_jj = 0 (their weight columns are zeroed before the solve)
+    percdamp: float
+
+
+def prepare_hinv(H: torch.Tensor, percdamp: float, device=None) -> Hinv:
+    """Dead inputs (H_jj = 0) get H_jj = 1; damp by percdamp·mean(diag H) (×10 per retry if still not positive
+    definite); the upper Cholesky factor of H⁻¹ (float64 factorisation, returned float32)."""
+    H = H.to(device if device is not None else H.device, torch.float64, copy=True)
     diag = torch.diagonal(H)  # a view: the damping is added in place (no K×K temporaries; K = 8960 is 640 MB)
     dead = diag == 0
     diag[dead] = 1.0
-    W[:, dead] = 0.0
     diag0 = diag.clone()
     damp = percdamp * diag0.mean()
     for attempt in range(MAX_DAMP_RETRIES):
@@ -379,12 +386,26 @@ def _prepare_hinv(H: torch.Tensor, W: torch.Tensor, percdamp: float):
         damp = damp * 10
     else:
         raise ValueError(f"H is not positive definite even with damping {float(damp):.3g}")
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    return Hinv.to(torch.float32), int(dead.sum())
+    factor = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    return Hinv(factor.to(torch.float32), dead, percdamp)
 
 
-def compress_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: SolverConfig) -> LayerResult:
-    """Compress one linear layer W (R, K) with Hessian H (K, K) (None only for method "sign")."""
+def _prepare_hinv(H: torch.Tensor, W: torch.Tensor, percdamp: float, prep: Hinv | None = None):
+    """(Hinv factor, dead count) for a solve of W against H: `prep` when given (it must be H's, at percdamp), else
+    prepared here; W's dead columns are zeroed in place (GPTQ)."""
+    if prep is None:
+        prep = prepare_hinv(H, percdamp, W.device)
+    elif prep.percdamp != percdamp or tuple(prep.factor.shape) != (W.shape[1], W.shape[1]):
+        raise ValueError(f"prepared Hinv is {tuple(prep.factor.shape)} at percdamp {prep.percdamp}, the solve needs "
+                         f"({W.shape[1]}, {W.shape[1]}) at {percdamp}")
+    W[:, prep.dead.to(W.device)] = 0.0
+    return prep.factor.to(W.device), int(prep.dead.sum())
+
+
+def compress_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: SolverConfig, hinv: Hinv | None = None
+                   ) -> LayerResult:
+    """Compress one linear layer W (R, K) with Hessian H (K, K) (None only for method "sign"); `hinv`:
+    prepare_hinv(H, cfg.percdamp) when the caller already has it (the same result, without refactorising)."""
     t_start = time.perf_counter()
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (R, K), got shape {tuple(W.shape)}")
@@ -410,7 +431,7 @@ def compress_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: SolverConfig) -
         d = torch.ones(K, device=dev)
         xnorm = torch.ones(K, device=dev)
     else:
-        Hinv, n_dead = _prepare_hinv(H, Wc, cfg.percdamp)
+        Hinv, n_dead = _prepare_hinv(H, Wc, cfg.percdamp, hinv)
         d = torch.diagonal(Hinv).clone()
         xnorm = torch.diagonal(H).to(dev, torch.float32).clamp_min(0).sqrt()
 
@@ -493,7 +514,8 @@ def _q_column(w: torch.Tensor, d: torch.Tensor, gtype: spec.QType) -> tuple[torc
     return q, d * (q - off)
 
 
-def compress_q(W: torch.Tensor, H: torch.Tensor | None, code: str, percdamp: float = 0.01) -> QResult:
+def compress_q(W: torch.Tensor, H: torch.Tensor | None, code: str, percdamp: float = 0.01,
+               hinv: Hinv | None = None) -> QResult:
     """One linear W (R, K), K % 32 == 0, as Q8_0 / Q4_0 / Q3 blocks solved by GPTQ (Frantar et al. 2022): columns in
     order, each group's scale set by ggml's rule from the error-updated weights when the group starts (GPTQ's
     groupwise mode), every column's rounding error pushed onto the columns not yet quantized through the upper
@@ -506,7 +528,7 @@ def compress_q(W: torch.Tensor, H: torch.Tensor | None, code: str, percdamp: flo
         raise ValueError(f"K = {K} is not a multiple of {G} ({code})")
     W0 = W.detach().to(torch.float32)
     Wc = W0.clone()
-    Hinv, n_dead = _prepare_hinv(H, Wc, percdamp) if H is not None else (None, 0)
+    Hinv, n_dead = _prepare_hinv(H, Wc, percdamp, hinv) if H is not None else (None, 0)
     Q = torch.zeros_like(Wc)
     qi = torch.zeros_like(Wc)
     d = torch.zeros(R, K // G, device=Wc.device)

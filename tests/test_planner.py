@@ -234,3 +234,12 @@ def test_plan_resume_gives_identical_bytes(capsys, tmp_path, tiny_model_factory,
     rc, err = run_export_cli(capsys, [src, "--out", str(out), *args, "--resume"])
     assert rc == 0, err
     assert out.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("code", ["q4_0", "q8_0", "q3"])
+def test_compress_q_with_prepared_hinv_is_identical(code):
+    W, H = _layer()
+    prep = solver.prepare_hinv(H, 0.01)
+    ref = solver.compress_q(W.clone(), H, code)
+    res = solver.compress_q(W.clone(), H, code, 0.01, prep)
+    assert torch.equal(res.w_hat, ref.w_hat) and np.array_equal(res.q, ref.q) and np.array_equal(res.d, ref.d)

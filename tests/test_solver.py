@@ -270,3 +270,24 @@ def test_symmetric_fits_have_no_mu(method, extra):
         t = torch.from_numpy(res.terms[0].astype(np.float32))
         a = (W[:, :128] * t[:, :128]).sum(1) / t[:, :128].abs().sum(1)
         torch.testing.assert_close(torch.from_numpy(res.alpha[:, 0, 0].astype(np.float32)), a.half().float())
+
+
+@pytest.mark.parametrize("method", ["pbs2p", "arb", "stbllm"])
+def test_prepared_hinv_gives_the_same_layer(method):
+    """A factorisation shared across solves (the planner's codes, q/k/v on one input) changes no bit of the
+    result, dead inputs included; one prepared for another damping or size is refused."""
+    from pbs2p.exporter.solver import prepare_hinv
+    W, H = make_layer(9, R=16, K=256)
+    H[7, :] = 0
+    H[:, 7] = 0
+    cfg = SolverConfig(method=method, n=6, m=8)
+    ref = compress_layer(W.clone(), H, cfg)
+    prep = prepare_hinv(H, cfg.percdamp)
+    for _ in range(2):  # the prepared factor is not consumed or changed by a solve
+        res = compress_layer(W.clone(), H, cfg, prep)
+        assert torch.equal(res.w_hat, ref.w_hat) and res.stats["dead_cols"] == 1
+        assert np.array_equal(res.terms, ref.terms) and np.array_equal(res.alpha, ref.alpha)
+    with pytest.raises(ValueError, match="percdamp"):
+        compress_layer(W.clone(), H, cfg, prepare_hinv(H, 0.1))
+    with pytest.raises(ValueError, match="prepared Hinv"):
+        compress_layer(W[:, :128].clone(), H[:128, :128], cfg, prep)
