@@ -35,16 +35,18 @@ from pbs2p import format as fmt
 
 VERSION = 2  # 2: a linear's .shape adds the N:M code's (N, M)
 # settings that do not change the file's bytes, so a resume may differ in them
-_NEUTRAL = {"progress", "device", "checkpoint"}
+_NEUTRAL = {"progress", "device", "checkpoint", "measurements"}  # what does not change the bytes
 
 
 class CheckpointError(ValueError):
     """The checkpoint folder is missing, from another export, or damaged (the message says which)."""
 
 
-def fingerprint(cfg: Any, model: Any, windows: torch.Tensor | None) -> str:
+def fingerprint(cfg: Any, model: Any, windows: torch.Tensor | None, neutral: frozenset[str] | set[str] = frozenset()
+                ) -> str:
+    """sha256 over cfg's fields (less the neutral ones and `neutral`), the model's tensors and the windows."""
     h = hashlib.sha256()
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NEUTRAL}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NEUTRAL and k not in neutral}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
@@ -55,7 +57,7 @@ def fingerprint(cfg: Any, model: Any, windows: torch.Tensor | None) -> str:
     return h.hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """write(file object) into path.tmp, then rename over path."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -77,13 +79,13 @@ class Checkpoint:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
         if windows is not None:
-            _atomic(self.folder / "windows.npy", lambda f: np.save(f, windows.to(torch.int64).numpy()))
+            atomic_write(self.folder / "windows.npy", lambda f: np.save(f, windows.to(torch.int64).numpy()))
         self.meta = {"version": VERSION, "fingerprint": self.fp, "calibration": calibration, "nm_n": list(nm_n),
                      "n_blocks": n_blocks, "done": 0, "records": [], "block_err": [], "plan": plan}
         self._write_meta()
 
     def _write_meta(self) -> None:
-        _atomic(self.folder / "meta.json",
+        atomic_write(self.folder / "meta.json",
                 lambda f: f.write(json.dumps(self.meta, indent=1, default=float).encode()))
 
     def save_block(self, li: int, linears: dict[str, Any], records: list[dict], block_err: float,
@@ -100,8 +102,8 @@ class Checkpoint:
             arrays[f"{g}.alpha"] = sb.alpha
             arrays[f"{g}.mu"] = sb.mu
             arrays[f"{g}.shape"] = np.array([sb.n_out, sb.n_in, sb.block_size, *(sb.nm or (0, 0))], dtype=np.int64)
-        _atomic(self.folder / f"blk-{li:04d}.npz", lambda f: np.savez(f, **arrays))
-        _atomic(self.folder / "inputs.pt", lambda f: torch.save(next_inputs.detach().cpu(), f))
+        atomic_write(self.folder / f"blk-{li:04d}.npz", lambda f: np.savez(f, **arrays))
+        atomic_write(self.folder / "inputs.pt", lambda f: torch.save(next_inputs.detach().cpu(), f))
         self.meta["done"] = li + 1
         self.meta["records"].extend(records)
         self.meta["block_err"].append(float(block_err))

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sensitivity", default="fisher", choices=planner.SENSITIVITIES,
                     help="--bpw: damage estimate (fisher: Fisher-weighted output error, default; output, relative: "
                          "ablations)")
+    ap.add_argument("--measurements", default=None, metavar="FILE",
+                    help="--bpw: pass 1's measured damage table (JSON): reused when FILE holds the one of this model, "
+                         "calibration and settings, else measured and written there (a sweep of budgets measures "
+                         "once)")
     ap.add_argument("--nm", default="6:8", help="N:M sparsity (M = 4 or 8) or dense (default 6:8)")
     ap.add_argument("--calib", default="self",
                     help="self (text sampled from the model, offline; default), a .txt/.jsonl file, or hf:NAME")
@@ -105,7 +109,8 @@ def config_from_args(a: argparse.Namespace) -> QuantConfig:
     method = a.method or ("plan" if a.bpw is not None else "pbs2p")
     return QuantConfig(method=method, nm=parse_nm(a.nm) if method not in ("plan", "fp16") else None,
                        bpw=a.bpw, codes=tuple(c.strip() for c in a.codes.split(",") if c.strip()),
-                       sensitivity=a.sensitivity, coarse=a.coarse, solver=solver, embed_type=a.embed_type,
+                       sensitivity=a.sensitivity, measurements=a.measurements, coarse=a.coarse, solver=solver,
+                       embed_type=a.embed_type,
                        calib=a.calib, nsamples=nsamples, seqlen=seqlen, seed=a.seed, device=a.device,
                        progress=not a.quiet,
                        checkpoint=None if a.no_checkpoint else (a.checkpoint_dir or f"{a.out}.ckpt"))

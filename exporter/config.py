@@ -66,6 +66,7 @@ class QuantConfig:
     bpw: float | None = None  # method "plan": the linears' target storage bits per weight (exporter/planner.py)
     codes: tuple[str, ...] = planner.DEFAULT_CODES  # method "plan": the codes it may choose from
     sensitivity: str = "fisher"  # method "plan": the damage estimate (planner.SENSITIVITIES)
+    measurements: str | None = None  # method "plan": JSON file of pass 1's table, reused when it matches, else written
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +75,8 @@ class QuantConfig:
             raise ExportError(f"--bpw is the budget planner's (method plan); --method {self.method} takes no budget")
         if self.method == "plan":
             self._check_plan()
+        elif self.measurements:
+            raise ExportError("--measurements holds the budget planner's pass 1: it needs --bpw")
         # fp16 prunes nothing and the planner picks N:M per linear: --nm does not apply to either
         nm = None if self.method in ("fp16", "plan") else parse_nm(self.nm)
         object.__setattr__(self, "nm", nm)

@@ -238,12 +238,70 @@ def measure(model: Any, fam: Any, windows: torch.Tensor, base: solver.SolverConf
     return options
 
 
+# --- pass 1's table, kept for a sweep of budgets (--measurements FILE) --------------------------------------
+# Pass 1 does not depend on the budget: {linear: [(code, bytes, damage)]} is a function of the model, the
+# calibration windows and the solver / code / sensitivity settings only. A JSON file keyed by the sha256 of those
+# (checkpoint.fingerprint without bpw) lets exports at other budgets skip it.
+
+MEASUREMENTS_VERSION = 1
+_BUDGET_FIELDS = frozenset({"bpw", "measurements", "embed_type"})  # what pass 1 does not read
+
+
+def measurements_key(cfg: Any, model: Any, windows: torch.Tensor) -> str:
+    from . import checkpoint
+    return checkpoint.fingerprint(cfg, model, windows, neutral=_BUDGET_FIELDS)
+
+
+def load_measurements(path: str, key: str) -> dict[str, list[tuple[str, int, float]]] | None:
+    """The table stored at path for this key; None when path does not exist; ExportError when it holds another
+    export's table or is not one (the file is left as it is)."""
+    import json
+    from pathlib import Path
+
+    from .config import ExportError
+
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        if doc.get("version") != MEASUREMENTS_VERSION:
+            raise ValueError(f"version {doc.get('version')!r}, this exporter reads {MEASUREMENTS_VERSION}")
+        options = {str(pre): [(str(c), int(b), float(d)) for c, b, d in opts] for pre, opts in doc["options"].items()}
+        stored = str(doc["key"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"--measurements {path}: not a planner measurement file ({e}); remove it or name "
+                          f"another file") from None
+    if stored != key:
+        raise ExportError(f"--measurements {path}: measured for another model, calibration or solver/codes/"
+                          f"sensitivity settings (key {stored[:12]}…, this export {key[:12]}…); remove it to "
+                          f"measure again, or name another file")
+    return options
+
+
+def save_measurements(path: str, key: str, options: dict[str, list[tuple[str, int, float]]]) -> None:
+    import json
+    from pathlib import Path
+
+    from . import checkpoint
+    doc = {"version": MEASUREMENTS_VERSION, "key": key,
+           "options": {pre: [[c, b, d] for c, b, d in opts] for pre, opts in options.items()}}
+    checkpoint.atomic_write(Path(path), lambda f: f.write(json.dumps(doc, indent=0).encode()))
+
+
 def make_plan(model: Any, fam: Any, windows: torch.Tensor, cfg: Any, dev: torch.device) -> Plan:
     """Pass 1 and the allocation for a QuantConfig with method "plan" (its bpw, codes, sensitivity, solver)."""
     from . import arch
     from .config import ExportError
 
-    options = measure(model, fam, windows, cfg.solver, cfg.codes, cfg.sensitivity, dev, cfg.progress)
+    options = None
+    if cfg.measurements:
+        key = measurements_key(cfg, model, windows)
+        options = load_measurements(cfg.measurements, key)
+    if options is None:
+        options = measure(model, fam, windows, cfg.solver, cfg.codes, cfg.sensitivity, dev, cfg.progress)
+        if cfg.measurements:
+            save_measurements(cfg.measurements, key, options)
     weights = {}
     for li, layer in enumerate(arch.blocks(model, fam)):
         for _, g, lin in arch.block_linears(layer, fam):

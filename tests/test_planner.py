@@ -243,3 +243,38 @@ def test_compress_q_with_prepared_hinv_is_identical(code):
     ref = solver.compress_q(W.clone(), H, code)
     res = solver.compress_q(W.clone(), H, code, 0.01, prep)
     assert torch.equal(res.w_hat, ref.w_hat) and np.array_equal(res.q, ref.q) and np.array_equal(res.d, ref.d)
+
+
+def test_measurements_file_serves_a_sweep_of_budgets(capsys, tmp_path, tiny_model_factory, monkeypatch):
+    """--measurements FILE: the first export measures and writes pass 1's table, an export at another budget
+    reads it instead of measuring and writes the bytes an export without it writes; a table of another
+    calibration is refused before any file is written, and left as it was."""
+    src = str(tiny_model_factory("llama", num_hidden_layers=2))
+    args = ["--nsamples", "3", "--seqlen", "24", "-q", "--no-checkpoint"]
+    table = tmp_path / "pass1.json"
+    assert run_export_cli(capsys, [src, "--out", str(tmp_path / "a.bin"), "--bpw", "4", "--measurements",
+                                   str(table), *args])[0] == 0
+    doc = json.loads(table.read_text())
+    assert doc["version"] == planner.MEASUREMENTS_VERSION and len(doc["options"]) == 2 * 7
+    ref = tmp_path / "ref.bin"
+    assert run_export_cli(capsys, [src, "--out", str(ref), "--bpw", "3", *args])[0] == 0
+
+    def boom(*a, **k):
+        raise AssertionError("pass 1 ran")
+
+    monkeypatch.setattr(planner, "measure", boom)
+    out = tmp_path / "b.bin"
+    rc, err = run_export_cli(capsys, [src, "--out", str(out), "--bpw", "3", "--measurements", str(table), *args])
+    assert rc == 0, err
+    assert out.read_bytes() == ref.read_bytes()
+    before = table.read_bytes()
+    bad = tmp_path / "c.bin"
+    rc, err = run_export_cli(capsys, [src, "--out", str(bad), "--bpw", "3", "--measurements", str(table),
+                                      "--seed", "1", *args])
+    assert rc != 0 and "measured for another model, calibration" in err, err
+    assert not bad.exists() and table.read_bytes() == before
+    table.write_text("{not json")
+    rc, err = run_export_cli(capsys, [src, "--out", str(bad), "--bpw", "3", "--measurements", str(table), *args])
+    assert rc != 0 and "not a planner measurement file" in err, err
+    rc, err = run_export_cli(capsys, [src, "--out", str(bad), "--measurements", str(table), *args])
+    assert rc != 0 and "needs --bpw" in err, err
