@@ -86,7 +86,7 @@ class Checkpoint:
 
     def _write_meta(self) -> None:
         atomic_write(self.folder / "meta.json",
-                lambda f: f.write(json.dumps(self.meta, indent=1, default=float).encode()))
+                     lambda f: f.write(json.dumps(self.meta, indent=1, default=float).encode()))
 
     def save_block(self, li: int, linears: dict[str, Any], records: list[dict], block_err: float,
                    next_inputs: torch.Tensor) -> None:

@@ -306,6 +306,9 @@ def make_plan(model: Any, fam: Any, windows: torch.Tensor, cfg: Any, dev: torch.
     for li, layer in enumerate(arch.blocks(model, fam)):
         for _, g, lin in arch.block_linears(layer, fam):
             weights[f"blk.{li}.{g}"] = lin.weight.numel()
+    if set(options) != set(weights) or not all(options.values()):
+        raise ExportError(f"--measurements {cfg.measurements}: its table does not name this model's "
+                          f"{len(weights)} linears with at least one code each; remove it to measure again")
     total = sum(weights.values())
     budget = int(cfg.bpw * total / 8.0)
     picked = allocate(options, budget)

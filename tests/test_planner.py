@@ -273,6 +273,11 @@ def test_measurements_file_serves_a_sweep_of_budgets(capsys, tmp_path, tiny_mode
                                       "--seed", "1", *args])
     assert rc != 0 and "measured for another model, calibration" in err, err
     assert not bad.exists() and table.read_bytes() == before
+    doc = json.loads(before)
+    doc["options"].pop(next(iter(doc["options"])))
+    table.write_text(json.dumps(doc))
+    rc, err = run_export_cli(capsys, [src, "--out", str(bad), "--bpw", "3", "--measurements", str(table), *args])
+    assert rc != 0 and "does not name this model's 14 linears" in err, err
     table.write_text("{not json")
     rc, err = run_export_cli(capsys, [src, "--out", str(bad), "--bpw", "3", "--measurements", str(table), *args])
     assert rc != 0 and "not a planner measurement file" in err, err
