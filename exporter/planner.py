@@ -241,7 +241,9 @@ def measure(model: Any, fam: Any, windows: torch.Tensor, base: solver.SolverConf
 # --- pass 1's table, kept for a sweep of budgets (--measurements FILE) --------------------------------------
 # Pass 1 does not depend on the budget: {linear: [(code, bytes, damage)]} is a function of the model, the
 # calibration windows and the solver / code / sensitivity settings only. A JSON file keyed by the sha256 of those
-# (checkpoint.fingerprint without bpw) lets exports at other budgets skip it.
+# (checkpoint.fingerprint without bpw) lets exports at other budgets skip it. The file code of the sparse-binary
+# layers (--sb-code) changes their bytes but not their values, so it is left out of the key too: make_plan
+# recounts every code's bytes for the export at hand, and one table serves planes and N:M-code exports alike.
 
 MEASUREMENTS_VERSION = 1
 _BUDGET_FIELDS = frozenset({"bpw", "measurements", "embed_type"})  # what pass 1 does not read
@@ -249,6 +251,7 @@ _BUDGET_FIELDS = frozenset({"bpw", "measurements", "embed_type"})  # what pass 1
 
 def measurements_key(cfg: Any, model: Any, windows: torch.Tensor) -> str:
     from . import checkpoint
+    cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, nm_code=False))  # bytes, not values
     return checkpoint.fingerprint(cfg, model, windows, neutral=_BUDGET_FIELDS)
 
 
@@ -302,13 +305,17 @@ def make_plan(model: Any, fam: Any, windows: torch.Tensor, cfg: Any, dev: torch.
         options = measure(model, fam, windows, cfg.solver, cfg.codes, cfg.sensitivity, dev, cfg.progress)
         if cfg.measurements:
             save_measurements(cfg.measurements, key, options)
-    weights = {}
+    shapes = {}
     for li, layer in enumerate(arch.blocks(model, fam)):
         for _, g, lin in arch.block_linears(layer, fam):
-            weights[f"blk.{li}.{g}"] = lin.weight.numel()
+            shapes[f"blk.{li}.{g}"] = tuple(lin.weight.shape)
+    weights = {pre: r * k for pre, (r, k) in shapes.items()}
     if set(options) != set(weights) or not all(options.values()):
         raise ExportError(f"--measurements {cfg.measurements}: its table does not name this model's "
                           f"{len(weights)} linears with at least one code each; remove it to measure again")
+    # the bytes as this export's file stores them (a table read back may have been measured with another --sb-code)
+    options = {pre: [(c, code_bytes(c, *shapes[pre], cfg.solver), d) for c, _, d in opts]
+               for pre, opts in options.items()}
     total = sum(weights.values())
     budget = int(cfg.bpw * total / 8.0)
     picked = allocate(options, budget)

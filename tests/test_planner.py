@@ -283,3 +283,33 @@ def test_measurements_file_serves_a_sweep_of_budgets(capsys, tmp_path, tiny_mode
     assert rc != 0 and "not a planner measurement file" in err, err
     rc, err = run_export_cli(capsys, [src, "--out", str(bad), "--measurements", str(table), *args])
     assert rc != 0 and "needs --bpw" in err, err
+
+
+def test_measurements_table_serves_the_nm_code_too(capsys, tmp_path, tiny_model_factory, monkeypatch):
+    """--sb-code changes a sparse-binary layer's bytes, not its values: a table measured for a planes export
+    serves an N:M-code export, whose plan counts the N:M code's bytes — the file equals the one an N:M-code export
+    that measures for itself writes."""
+    src = str(tiny_model_factory("llama", num_hidden_layers=2, hidden_size=128, intermediate_size=256))
+    args = ["--nsamples", "3", "--seqlen", "24", "-q", "--no-checkpoint"]
+    table = tmp_path / "pass1.json"
+    assert run_export_cli(capsys, [src, "--out", str(tmp_path / "a.bin"), "--bpw", "4", "--measurements",
+                                   str(table), *args])[0] == 0
+    ref = tmp_path / "ref.bin"
+    rc, err = run_export_cli(capsys, [src, "--out", str(ref), "--bpw", "2.5", "--sb-code", "nm", *args])
+    assert rc == 0, err
+    monkeypatch.setattr(planner, "measure", lambda *a, **k: pytest.fail("pass 1 ran"))
+    out = tmp_path / "b.bin"
+    rc, err = run_export_cli(capsys, [src, "--out", str(out), "--bpw", "2.5", "--sb-code", "nm", "--measurements",
+                                      str(table), *args])
+    assert rc == 0, err
+    assert out.read_bytes() == ref.read_bytes()
+    from gguf import GGUFReader
+    plan = json.loads(GGUFReader(str(out)).get_field("pbs2p.plan").contents())
+    shape = {"ffn_down": (128, 256), "ffn_gate": (256, 128), "ffn_up": (256, 128), "attn_k": (64, 128),
+             "attn_v": (64, 128)}
+    sb = [(pre, c, b) for pre, c, b, _, _ in plan["layers"] if c.startswith("pbs2p-")]
+    assert sb, plan  # the budget put some layers in the N:M code, each counted at the N:M code's bytes
+    nm = solver.SolverConfig(nm_code=True)
+    for pre, c, b in sb:
+        r, k = shape.get(pre.split(".")[-1], (128, 128))
+        assert b == planner.code_bytes(c, r, k, nm) < planner.code_bytes(c, r, k, solver.SolverConfig()), pre
