@@ -8,7 +8,7 @@ more bytes").
 The JSON (written by hand from the runs its "commands" list) holds {"model", "fp_ppl", "evaluation",
 "commands": [...], "points": [{"engine": "pbs2p" | "llama.cpp", "name", "bytes", "ppl", "detail"}]}, bytes
 being whole files. Prints a markdown table, each pbs2p file with the best llama.cpp file of no more bytes and
-the verdict, and the Pareto front of both. matplotlib for --png (not a project dependency).
+the verdict, each llama.cpp file with pbs2p's best file of no more bytes, and the Pareto front of both. matplotlib for --png (not a project dependency).
 """
 from __future__ import annotations
 
@@ -72,6 +72,15 @@ def main() -> int:
         print(f"| {p['name']} | {mb(p['bytes'])} | {p['ppl']:.2f} | "
               f"{'—' if b is None else b['name'] + ' (' + mb(b['bytes']) + ')'} | "
               f"{'—' if b is None else format(b['ppl'], '.2f')} | {v} |")
+    ours = [p for p in doc["points"] if p["engine"] == "pbs2p"]
+    print("\n| llama.cpp file | bytes | PPL | pbs2p's best file of no more bytes | its PPL | pbs2p lower |")
+    print("|---|---|---|---|---|---|")
+    for q in sorted((p for p in doc["points"] if p["engine"] != "pbs2p"), key=lambda p: p["bytes"]):
+        b = best_within(ours, q["bytes"])
+        print(f"| {q['name']} | {mb(q['bytes'])} | {q['ppl']:.2f} | "
+              f"{'—' if b is None else b['name'] + ' (' + mb(b['bytes']) + ')'} | "
+              f"{'—' if b is None else format(b['ppl'], '.2f')} | "
+              f"{'—' if b is None else ('yes' if b['ppl'] < q['ppl'] else 'no')} |")
     print("\nPareto front (both engines): " + ", ".join(f"{p['engine']} {p['name']} ({mb(p['bytes'])}, "
                                                        f"{p['ppl']:.2f})" for p in front(doc["points"])))
     if a.png:
