@@ -8,7 +8,8 @@ more bytes").
 The JSON (written by hand from the runs its "commands" list) holds {"model", "fp_ppl", "evaluation",
 "commands": [...], "points": [{"engine": "pbs2p" | "llama.cpp", "name", "bytes", "ppl", "detail"}]}, bytes
 being whole files. Prints a markdown table, each pbs2p file with the best llama.cpp file of no more bytes and
-the verdict, each llama.cpp file with pbs2p's best file of no more bytes, and the Pareto front of both. matplotlib for --png (not a project dependency).
+the verdict, each llama.cpp file with pbs2p's best file of no more bytes, and the Pareto front of both.
+matplotlib for --png (not a project dependency).
 """
 from __future__ import annotations
 
@@ -33,12 +34,21 @@ def front(points: list[dict]) -> list[dict]:
     return out
 
 
+def against(mine: list[dict], others: list[dict]) -> list[tuple[dict, dict | None]]:
+    """Each of mine, by bytes, with the best of others of no more bytes (None: none that small)."""
+    return [(p, best_within(others, p["bytes"])) for p in sorted(mine, key=lambda p: p["bytes"])]
+
+
+def engines(doc: dict) -> tuple[list[dict], list[dict]]:
+    """(pbs2p's points, llama.cpp's points)."""
+    return ([p for p in doc["points"] if p["engine"] == "pbs2p"],
+            [p for p in doc["points"] if p["engine"] != "pbs2p"])
+
+
 def verdicts(doc: dict) -> list[tuple[dict, dict | None, str]]:
-    ours = [p for p in doc["points"] if p["engine"] == "pbs2p"]
-    theirs = [p for p in doc["points"] if p["engine"] != "pbs2p"]
+    ours, theirs = engines(doc)
     out = []
-    for p in sorted(ours, key=lambda p: p["bytes"]):
-        b = best_within(theirs, p["bytes"])
+    for p, b in against(ours, theirs):
         if b is None:
             v = "no llama.cpp file this small"
         elif p["ppl"] < b["ppl"]:
@@ -66,21 +76,20 @@ def main() -> int:
     for p in sorted(doc["points"], key=lambda p: p["bytes"]):
         print(f"| {p['engine']} | {p['name']} | {p['bytes']:,} | {p['ppl']:.2f} | {p['ppl'] / fp:.2f} | "
               f"{p.get('detail', '')} |")
+    def row(p: dict, b: dict | None, last: str) -> str:
+        return (f"| {p['name']} | {mb(p['bytes'])} | {p['ppl']:.2f} | "
+                f"{'—' if b is None else b['name'] + ' (' + mb(b['bytes']) + ')'} | "
+                f"{'—' if b is None else format(b['ppl'], '.2f')} | {last} |")
+
     print("\n| pbs2p file | bytes | PPL | llama.cpp's best file of no more bytes | its PPL | target |")
     print("|---|---|---|---|---|---|")
     for p, b, v in verdicts(doc):
-        print(f"| {p['name']} | {mb(p['bytes'])} | {p['ppl']:.2f} | "
-              f"{'—' if b is None else b['name'] + ' (' + mb(b['bytes']) + ')'} | "
-              f"{'—' if b is None else format(b['ppl'], '.2f')} | {v} |")
-    ours = [p for p in doc["points"] if p["engine"] == "pbs2p"]
+        print(row(p, b, v))
+    ours, theirs = engines(doc)
     print("\n| llama.cpp file | bytes | PPL | pbs2p's best file of no more bytes | its PPL | pbs2p lower |")
     print("|---|---|---|---|---|---|")
-    for q in sorted((p for p in doc["points"] if p["engine"] != "pbs2p"), key=lambda p: p["bytes"]):
-        b = best_within(ours, q["bytes"])
-        print(f"| {q['name']} | {mb(q['bytes'])} | {q['ppl']:.2f} | "
-              f"{'—' if b is None else b['name'] + ' (' + mb(b['bytes']) + ')'} | "
-              f"{'—' if b is None else format(b['ppl'], '.2f')} | "
-              f"{'—' if b is None else ('yes' if b['ppl'] < q['ppl'] else 'no')} |")
+    for q, b in against(theirs, ours):
+        print(row(q, b, "—" if b is None else ("yes" if b["ppl"] < q["ppl"] else "no")))
     print("\nPareto front (both engines): " + ", ".join(f"{p['engine']} {p['name']} ({mb(p['bytes'])}, "
                                                        f"{p['ppl']:.2f})" for p in front(doc["points"])))
     if a.png:
@@ -90,8 +99,8 @@ def main() -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for i, eng in enumerate(("pbs2p", "llama.cpp")):
-            pts = sorted((p for p in doc["points"] if p["engine"] == eng), key=lambda p: p["bytes"])
+        for i, (eng, pts) in enumerate(zip(("pbs2p", "llama.cpp"), (ours, theirs))):
+            pts = sorted(pts, key=lambda p: p["bytes"])
             ax.plot([p["bytes"] / 1e6 for p in pts], [p["ppl"] for p in pts], "o-" if eng == "pbs2p" else "s",
                     color=f"C{i}", label=eng)
             for p in pts:
