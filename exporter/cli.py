@@ -13,6 +13,7 @@ crash, a lost machine) the same command with --resume continues from there and w
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bpw", type=float, default=None,
                     help="budget planner: the linears' storage bits per weight (met within 1%%, below it); it picks "
                          "per linear among --codes at the least estimated damage")
+    ap.add_argument("--max-bytes", type=parse_bytes, default=None, metavar="N",
+                    help="budget planner, in place of --bpw: the whole file's bytes at most (e.g. the size of the "
+                         "llama.cpp file to beat); N or N with a k/M/G suffix (powers of 1000)")
     ap.add_argument("--codes", default=",".join(planner.DEFAULT_CODES),
                     help=f"--bpw: the codes it may use, comma-separated, from {','.join(planner.CODES)} "
                          f"(default {','.join(planner.DEFAULT_CODES)})")
@@ -93,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_bytes(s: str) -> int:
+    """--max-bytes: a whole number of bytes, or a number with a k / M / G suffix (powers of 1000)."""
+    mult = {"k": 10 ** 3, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}.get(s[-1:], 1)
+    try:
+        v = float(s[:-1]) * mult if mult > 1 else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: bytes as N or N with k/M/G (e.g. 330057536 or 330M)") from None
+    if not (math.isfinite(v) and v >= 1):
+        raise argparse.ArgumentTypeError(f"{s!r}: at least one byte")
+    return int(v)
+
+
 def config_from_args(a: argparse.Namespace) -> QuantConfig:
     if a.steps == "auto":
         steps = None
@@ -106,9 +122,9 @@ def config_from_args(a: argparse.Namespace) -> QuantConfig:
                            symmetric=a.symmetric, nm_code=a.sb_code == "nm")
     nsamples = a.nsamples if a.nsamples is not None else (calib.PAPER_NSAMPLES if a.paper else calib.DEFAULT_NSAMPLES)
     seqlen = a.seqlen if a.seqlen is not None else (calib.PAPER_SEQLEN if a.paper else calib.DEFAULT_SEQLEN)
-    method = a.method or ("plan" if a.bpw is not None else "pbs2p")
+    method = a.method or ("plan" if a.bpw is not None or a.max_bytes is not None else "pbs2p")
     return QuantConfig(method=method, nm=parse_nm(a.nm) if method not in ("plan", "fp16") else None,
-                       bpw=a.bpw, codes=tuple(c.strip() for c in a.codes.split(",") if c.strip()),
+                       bpw=a.bpw, max_bytes=a.max_bytes, codes=tuple(c.strip() for c in a.codes.split(",") if c.strip()),
                        sensitivity=a.sensitivity, measurements=a.measurements, coarse=a.coarse, solver=solver,
                        embed_type=a.embed_type,
                        calib=a.calib, nsamples=nsamples, seqlen=seqlen, seed=a.seed, device=a.device,

@@ -67,12 +67,15 @@ class QuantConfig:
     codes: tuple[str, ...] = planner.DEFAULT_CODES  # method "plan": the codes it may choose from
     sensitivity: str = "fisher"  # method "plan": the damage estimate (planner.SENSITIVITIES)
     measurements: str | None = None  # method "plan": JSON file of pass 1's table, reused when it matches, else written
+    max_bytes: int | None = None  # method "plan", in place of bpw: the whole file's bytes at most (driver.quantize
+    #                               turns it into the bpw the linears can have beside the rest of the file)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ExportError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.bpw is not None and self.method != "plan":
-            raise ExportError(f"--bpw is the budget planner's (method plan); --method {self.method} takes no budget")
+        if (self.bpw is not None or self.max_bytes is not None) and self.method != "plan":
+            flag = "--bpw" if self.bpw is not None else "--max-bytes"
+            raise ExportError(f"{flag} is the budget planner's (method plan); --method {self.method} takes no budget")
         if self.method == "plan":
             self._check_plan()
         elif self.measurements:
@@ -97,8 +100,19 @@ class QuantConfig:
             raise ExportError(f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: need >= 1 and >= 2")
 
     def _check_plan(self) -> None:
-        if self.bpw is None:
-            raise ExportError("--method plan needs a budget: --bpw B (storage bits per weight of the linears)")
+        if self.bpw is not None and self.max_bytes is not None:
+            raise ExportError("--bpw and --max-bytes are two budgets: give one")
+        if self.max_bytes is not None:
+            if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes <= 0:
+                raise ExportError(f"--max-bytes {self.max_bytes!r}: a positive whole number of bytes")
+        elif self.bpw is None:
+            raise ExportError("--method plan needs a budget: --bpw B (storage bits per weight of the linears) or "
+                              "--max-bytes N (the whole file)")
+        else:
+            self._check_bpw()
+        self._check_codes()
+
+    def _check_bpw(self) -> None:
         try:
             bpw = float(self.bpw)
         except (TypeError, ValueError):
@@ -106,6 +120,8 @@ class QuantConfig:
         if not (math.isfinite(bpw) and bpw > 0):
             raise ExportError(f"--bpw {self.bpw}: must be a positive number")
         object.__setattr__(self, "bpw", bpw)
+
+    def _check_codes(self) -> None:
         codes = (self.codes,) if isinstance(self.codes, str) else tuple(self.codes)
         bad = [c for c in codes if c not in planner.CODES]
         if bad or not codes:

@@ -11,6 +11,7 @@ written last, so an interrupted export leaves no file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -405,6 +406,26 @@ def load_model(model: Any, tokenizer: Any = None) -> Any:
     return models.Loaded(model.float().eval(), tokenizer, name, None, Path(name).name)
 
 
+def resolve_max_bytes(cfg: QuantConfig, loaded: Any, fam: arch.Family, calibration: str,
+                      shapes: dict[str, tuple[int, int]], quiet: bool = False) -> QuantConfig:
+    """--max-bytes N: the same config with the linears' budget in bits per weight, what N leaves beside an upper
+    bound of the rest of the file (writer.rest_bytes), so the file holds at most N bytes; other configs as they are."""
+    if cfg.max_bytes is None:
+        return cfg
+    rest = writer.rest_bytes(loaded, fam, cfg, calibration, cfg.codes)
+    weights = sum(r * k for r, k in shapes.values())
+    if cfg.max_bytes <= rest:
+        raise ExportError(f"--max-bytes {cfg.max_bytes:,}: the file's embeddings, norms, tokenizer and metadata take "
+                          f"up to {rest:,} bytes, which leaves the linears nothing")
+    bpw = math.floor(8e6 * (cfg.max_bytes - rest) / weights) / 1e6
+    if not quiet:
+        log(f"--max-bytes {cfg.max_bytes:,}: the rest of the file takes at most {rest:,} bytes; the linears get "
+            f"{bpw:.6f} bits per weight")
+    out = dataclasses.replace(cfg, bpw=bpw, max_bytes=None)
+    out.plan_shapes_check(shapes)
+    return out
+
+
 def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | torch.Tensor | None = None, *,
              tokenizer: Any = None, resume: bool = False, force: bool = False, out_format: str = "pbs2p") -> Result:
     """Compress a causal LM (PBS²P or a baseline, `config.method`) and return the Result; `.save(path)` writes it.
@@ -430,12 +451,17 @@ def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | 
         from .onnx_export import check_onnx
 
         check_onnx(runtime=False)
-    cfg.plan_shapes_check({f"blk.{li}.{g}": tuple(lin.weight.shape) for li, layer in
-                           enumerate(arch.blocks(loaded.model, fam)) for _, g, lin in arch.block_linears(layer, fam)})
+    shapes = {f"blk.{li}.{g}": tuple(lin.weight.shape) for li, layer in enumerate(arch.blocks(loaded.model, fam))
+              for _, g, lin in arch.block_linears(layer, fam)}
+    # --max-bytes: checked here with an empty calibration description (before any work), set once it is known
+    budget = cfg
+    (resolve_max_bytes(cfg, loaded, fam, "", shapes, quiet=True) if cfg.max_bytes is not None else cfg
+     ).plan_shapes_check(shapes)
     set_determinism(cfg.seed)
     windows, desc = None, "none"
     if ck is not None:
         windows, desc = ck.windows(), ck.meta["calibration"]
+        cfg = resolve_max_bytes(budget, loaded, fam, desc, shapes)
         ck.check(checkpoint.fingerprint(cfg, loaded.model, windows), len(arch.blocks(loaded.model, fam)))
     elif cfg.method != "fp16":
         t = time.time()
@@ -448,6 +474,7 @@ def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | 
             windows, desc = calibration.get_windows(calib or cfg.calib, loaded.model, loaded.tokenizer,
                                                     cfg.nsamples, cfg.seqlen, cfg.seed, cfg.progress)
         log(f"calibration: {desc} ({time.time() - t:.1f} s)")
+        cfg = resolve_max_bytes(budget, loaded, fam, desc, shapes)
     if fresh_ck:
         ck = checkpoint.Checkpoint(cfg.checkpoint, checkpoint.fingerprint(cfg, loaded.model, windows))
     return compress(loaded, cfg, windows, desc, ck, resume)

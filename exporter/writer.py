@@ -2,8 +2,12 @@
 pbs2p.format.ModelWriter (temporary file + rename), and the summary printed after an export."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import gguf
 
 import numpy as np
 import torch
@@ -65,6 +69,28 @@ def build_metadata(comp: Any) -> list[tuple[str, Any, str]]:
     return kv
 
 
+def file_tensors(model: Any, fam: arch.Family, cfg: QuantConfig) -> Iterator[tuple[str, str, Any, Any]]:
+    """The file's tensors in file order: ("dense", name, parameter, ggml type) for embeddings, norms and biases,
+    ("linear", prefix, the nn.Linear, None) where a linear's tensors go."""
+    for name, p in embedding_tensors(model, fam, cfg):
+        yield "dense", name, p, _embed_gtype(cfg, p.shape[-1])
+    fn = arch.get_module(model, fam.final_norm)
+    yield "dense", "output_norm.weight", fn.weight, fmt.GGMLType.F32
+    if getattr(fn, "bias", None) is not None:
+        yield "dense", "output_norm.bias", fn.bias, fmt.GGMLType.F32
+    for li, layer in enumerate(arch.blocks(model, fam)):
+        for path, gname in fam.norms:
+            nm_ = arch.get_module(layer, path)
+            yield "dense", f"blk.{li}.{gname}.weight", nm_.weight, fmt.GGMLType.F32
+            if getattr(nm_, "bias", None) is not None:
+                yield "dense", f"blk.{li}.{gname}.bias", nm_.bias, fmt.GGMLType.F32
+        for path, gname, lin in arch.block_linears(layer, fam):
+            pre = f"blk.{li}.{gname}"
+            yield "linear", pre, lin, None
+            if lin.bias is not None:
+                yield "dense", pre + fmt.SUFFIX_BIAS, lin.bias, fmt.GGMLType.F32
+
+
 def write(comp: Any, out: str | Path, force: bool = False) -> None:
     """Write a driver.Result's file (temp file + rename). Embeddings of comp.model are set to their stored values
     first, so the fake-quant model equals the file."""
@@ -74,30 +100,51 @@ def write(comp: Any, out: str | Path, force: bool = False) -> None:
     with fmt.ModelWriter(out, fam.name, overwrite=force) as w:
         for k, v, t in kv:
             w.add_kv(k, v, t)
-        for name, p in embedding_tensors(model, fam, cfg):
-            x = p.data.float().cpu().numpy()
-            w.add_dense(name, x, _embed_gtype(cfg, x.shape[-1]))
-        fn = arch.get_module(model, fam.final_norm)
-        w.add_dense("output_norm.weight", fn.weight.data.float().cpu().numpy())
-        if getattr(fn, "bias", None) is not None:
-            w.add_dense("output_norm.bias", fn.bias.data.float().cpu().numpy())
-        for li, layer in enumerate(arch.blocks(model, fam)):
-            for path, gname in fam.norms:
-                nm_ = arch.get_module(layer, path)
-                w.add_dense(f"blk.{li}.{gname}.weight", nm_.weight.data.float().cpu().numpy())
-                if getattr(nm_, "bias", None) is not None:
-                    w.add_dense(f"blk.{li}.{gname}.bias", nm_.bias.data.float().cpu().numpy())
-            for path, gname, lin in arch.block_linears(layer, fam):
-                pre = f"blk.{li}.{gname}"
-                obj = comp.linears[pre]
-                if isinstance(obj, fmt.SbLinear):
-                    w.add_sb(pre, obj)
-                elif isinstance(obj, fmt.QLinear):
-                    w.add_q(pre, obj)
-                else:
-                    w.add_dense(pre + fmt.SUFFIX_WEIGHT, obj, fmt.GGMLType.F16)
-                if lin.bias is not None:
-                    w.add_dense(pre + fmt.SUFFIX_BIAS, lin.bias.data.float().cpu().numpy())
+        for kind, name, p, gtype in file_tensors(model, fam, cfg):
+            if kind == "dense":
+                w.add_dense(name, p.data.float().cpu().numpy(), gtype)
+                continue
+            obj = comp.linears[name]
+            if isinstance(obj, fmt.SbLinear):
+                w.add_sb(name, obj)
+            elif isinstance(obj, fmt.QLinear):
+                w.add_q(name, obj)
+            else:
+                w.add_dense(name + fmt.SUFFIX_WEIGHT, obj, fmt.GGMLType.F16)
+
+
+# --max-bytes: what the plan key can hold at most per linear (the longest code, 16-digit byte and weight counts,
+# the longest float repr) and what a linear's tensors add beside their data (up to three tensors of up to three
+# dimensions under the longest suffix, each padded to the alignment)
+_LONGEST_SUFFIX = max((fmt.SUFFIX_PLANES, fmt.SUFFIX_Q3, fmt.SUFFIX_WEIGHT, fmt.nm_suffix(8, 8)), key=len)
+_WIDE_INT, _WIDE_FLOAT, _WIDE_POS = 10 ** 15, -1.2345678901234567e-300, 1.2345678901234567e+300
+
+
+def rest_bytes(loaded: Any, fam: arch.Family, cfg: QuantConfig, calibration: str, codes: tuple[str, ...]) -> int:
+    """An upper bound of the bytes a planned export's file spends on everything but its linears' tensor data
+    (header, keys with the plan and tokenizer, embeddings, norms, biases, tensor infos, padding): a file whose
+    linears hold B bytes of data is at most rest_bytes + B. Counted by fmt.layout_bytes, with the plan and the
+    general.name at their longest."""
+    from pbs2p.format.plan import Plan, PlanEntry
+
+    model = loaded.model
+    tensors, linears = [], []
+    for kind, name, p, gtype in file_tensors(model, fam, cfg):
+        if kind == "linear":
+            linears.append((name, p.weight.shape))
+            tensors += [(name + suf, 3, 0) for suf in (_LONGEST_SUFFIX, fmt.SUFFIX_ALPHA, fmt.SUFFIX_MU)]
+            continue
+        shape = tuple(p.shape)
+        n = int(np.prod(shape))
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(gtype))]
+        tensors.append((name, len(shape), n // block * size))
+    longest = max(codes, key=len)
+    plan = Plan(_WIDE_POS, cfg.sensitivity, tuple(codes),
+                [PlanEntry(pre, longest, _WIDE_INT, _WIDE_FLOAT, _WIDE_INT) for pre, _ in linears])
+    comp = SimpleNamespace(loaded=loaded, model=model, family=fam, cfg=dataclasses.replace(cfg, bpw=_WIDE_POS, max_bytes=None),
+                           nm_n=[0] * len(arch.blocks(model, fam)), calibration=calibration, plan=plan)
+    kv = build_metadata(comp)
+    return fmt.layout_bytes(fam.name, kv, tensors) + 3 * (fmt.ALIGNMENT - 1) * len(linears)
 
 
 def summary(comp: Any, stats: dict[str, float] | None) -> str:

@@ -22,6 +22,64 @@ def chmod_umask(path: str | os.PathLike[str], mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
+def _gguf_writer(path: str, arch: str, stock: bool) -> Any:
+    """A gguf.GGUFWriter holding the keys every file starts with."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch)
+    w.data_alignment = ALIGNMENT
+    w.add_uint32(KEY_ALIGNMENT, ALIGNMENT)
+    if not stock:
+        w.add_uint32(KEY_FORMAT_VERSION, BASE_FORMAT_VERSION)  # raised by add_sb when a layer needs more
+    return w
+
+
+def _add_kv(w: Any, key: str, value: Any, vtype: str | None) -> None:
+    import gguf
+
+    if vtype is None:
+        if isinstance(value, bool):
+            vtype = "bool"
+        elif isinstance(value, int):
+            vtype = "u32"
+        elif isinstance(value, float):
+            vtype = "f32"
+        elif isinstance(value, str):
+            vtype = "str"
+        else:
+            raise TypeError(f"cannot infer the GGUF type of {key}={value!r}")
+    scalar = {"u32": w.add_uint32, "i32": w.add_int32, "f32": w.add_float32, "bool": w.add_bool,
+              "str": w.add_string}
+    if vtype in scalar:
+        scalar[vtype](key, value)
+        return
+    sub = {"arr_u32": gguf.GGUFValueType.UINT32, "arr_i32": gguf.GGUFValueType.INT32,
+           "arr_f32": gguf.GGUFValueType.FLOAT32, "arr_str": gguf.GGUFValueType.STRING}[vtype]
+    w.add_key_value(key, list(value), gguf.GGUFValueType.ARRAY, sub_type=sub)
+
+
+def layout_bytes(family: str, kv: list[tuple[str, Any, str]], tensors: list[tuple[str, int, int]]) -> int:
+    """The bytes of the file ModelWriter writes with these keys (add_kv's arguments) and tensors (name, number of
+    dimensions, data bytes), counted by gguf.GGUFWriter's own header, key and tensor-info encoders (written to a
+    temporary file: a few MB of tokenizer at most) plus the aligned data; no tensor data is made."""
+    import gguf
+
+    w = _gguf_writer("", arch_name(family), False)
+    for k, v, t in kv:
+        _add_kv(w, k, v, t)
+    for name, n_dims, nbytes in tensors:
+        w.add_tensor_info(name, (1,) * n_dims, np.dtype(np.float32), int(nbytes))
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, "layout.gguf")
+        w.write_header_to_file(f)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        head = os.path.getsize(f)
+    return gguf.GGUFWriter.ggml_pad(head, ALIGNMENT) + sum(gguf.GGUFWriter.ggml_pad(int(b), ALIGNMENT)
+                                                         for _, _, b in tensors)
+
+
 class ModelWriter:
     """Writes a pbs2p model file through gguf.GGUFWriter, crash-safe: everything goes to a temporary file in
     the destination folder, which is renamed over `path` only after the last byte is written and fsynced. On
@@ -34,8 +92,6 @@ class ModelWriter:
                  stock_arch: str | None = None) -> None:
         """stock_arch: write a plain GGUF of that llama.cpp architecture instead (no pbs2p.format_version key;
         exporter/gguf_llama.py)."""
-        import gguf
-
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} exists (use --force to overwrite)")
@@ -47,40 +103,15 @@ class ModelWriter:
         chmod_umask(tmp, 0o666)  # mkstemp makes it 0600; the renamed file gets the usual permissions
         self._tmp = Path(tmp)
         self.arch = stock_arch or arch_name(family)
-        self._w = gguf.GGUFWriter(str(self._tmp), self.arch)
-        self._w.data_alignment = ALIGNMENT
-        self._w.add_uint32(KEY_ALIGNMENT, ALIGNMENT)
         self._stock = stock_arch is not None
-        if not self._stock:
-            self._w.add_uint32(KEY_FORMAT_VERSION, BASE_FORMAT_VERSION)  # raised by add_sb when a layer needs more
+        self._w = _gguf_writer(str(self._tmp), self.arch, self._stock)
         self._done = False
 
     # metadata -------------------------------------------------------------------------------------------
     def add_kv(self, key: str, value: Any, vtype: str | None = None) -> None:
         """Add one key. vtype: 'u32', 'i32', 'f32', 'bool', 'str', 'arr_u32', 'arr_i32', 'arr_f32', 'arr_str';
         inferred from the Python type when None (int -> u32, float -> f32)."""
-        w = self._w
-        if vtype is None:
-            if isinstance(value, bool):
-                vtype = "bool"
-            elif isinstance(value, int):
-                vtype = "u32"
-            elif isinstance(value, float):
-                vtype = "f32"
-            elif isinstance(value, str):
-                vtype = "str"
-            else:
-                raise TypeError(f"cannot infer the GGUF type of {key}={value!r}")
-        import gguf
-
-        scalar = {"u32": w.add_uint32, "i32": w.add_int32, "f32": w.add_float32, "bool": w.add_bool,
-                  "str": w.add_string}
-        if vtype in scalar:
-            scalar[vtype](key, value)
-            return
-        sub = {"arr_u32": gguf.GGUFValueType.UINT32, "arr_i32": gguf.GGUFValueType.INT32,
-               "arr_f32": gguf.GGUFValueType.FLOAT32, "arr_str": gguf.GGUFValueType.STRING}[vtype]
-        w.add_key_value(key, list(value), gguf.GGUFValueType.ARRAY, sub_type=sub)
+        _add_kv(self._w, key, value, vtype)
 
     # tensors --------------------------------------------------------------------------------------------
     def add_sb(self, prefix: str, sb: SbLinear) -> None:

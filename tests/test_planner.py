@@ -203,6 +203,85 @@ def test_refusals_before_any_work(capsys, tmp_path, tiny_model_factory, monkeypa
         assert "to 8.500 bits per weight" in err
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_layout_bytes_and_the_rest_bound_against_the_written_file(tmp_path, tiny_model_factory, family):
+    """fmt.layout_bytes of a file's keys and tensors is its size, to the byte; writer.rest_bytes bounds everything
+    but the linears' data from above (every family's extra tensors: Qwen2's biases, OPT's position table and
+    norm biases), and not by much: at most the worst-case plan key and three padded tensor infos per linear."""
+    from pbs2p.exporter import arch, writer
+
+    cfg = config.QuantConfig(method="plan", bpw=4.0, nsamples=3, seqlen=24, progress=False)
+    res = driver.quantize(str(tiny_model_factory(family)), cfg)
+    out = tmp_path / "m.bin"
+    res.save(out)
+    size = out.stat().st_size
+    mf = fmt.ModelFile(out)
+    kv = writer.build_metadata(res)
+    tensors = [(name, len(t.shape), int(t.n_bytes)) for name, t in mf.tensors.items()]
+    assert fmt.layout_bytes(res.family.name, kv, tensors) == size
+    rest = writer.rest_bytes(res.loaded, res.family, cfg, res.calibration, cfg.codes)
+    linear_data = mf.storage()["linear_bytes"]
+    n_lin = sum(len(arch.block_linears(b, res.family)) for b in arch.blocks(res.model, res.family))
+    assert size <= rest + linear_data
+    assert rest + linear_data - size <= n_lin * (60 + 3 * (48 + 40 + 63)) + 200, (rest, linear_data, size)
+
+
+def test_max_bytes_export_stays_within_the_file_budget(capsys, tmp_path, tiny_model_factory):
+    """--max-bytes N: the file holds at most N bytes and its linears take within the planner's tolerance of what
+    the rest of the file leaves them; the log says the budget it derived."""
+    from pbs2p.exporter import writer
+
+    src = str(tiny_model_factory("qwen2"))
+    ref = tmp_path / "ref.bin"
+    assert run_export_cli(capsys, [src, "--out", str(ref), "--bpw", "3.5", *FAST])[0] == 0
+    limit = ref.stat().st_size + 3000
+    out = tmp_path / "m.bin"
+    rc, err = run_export_cli(capsys, [src, "--out", str(out), "--max-bytes", str(limit), "--nsamples", "3",
+                                      "--seqlen", "24", "--no-checkpoint"])
+    assert rc == 0, err
+    size = out.stat().st_size
+    assert size <= limit
+    mf = fmt.ModelFile(out)
+    st = mf.storage()
+    plan = planner.Plan.from_json(mf.kv[fmt.KEY_PLAN])
+    assert f"--max-bytes {limit:,}: the rest of the file takes at most" in err
+    assert plan.target_bpw == pytest.approx(float(err.split("the linears get ")[1].split()[0]))
+    assert plan.target_bpw * (1 - planner.TOLERANCE) <= st["storage_bpw"] <= plan.target_bpw
+    cfg = config.QuantConfig(method="plan", max_bytes=limit)
+    res = driver.quantize(src, config.QuantConfig(method="fp16"))
+    rest = writer.rest_bytes(res.loaded, res.family, cfg, mf.kv[fmt.KEY_CALIBRATION], cfg.codes)
+    assert st["linear_bytes"] >= (limit - rest) * (1 - planner.TOLERANCE) - 8
+    assert mf.kv["general.name"].endswith(f"plan {plan.target_bpw:g} bpw")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--max-bytes", "1000000", "--bpw", "3"], "two budgets"),
+    (["--max-bytes", "1000000", "--method", "pbs2p"], "--max-bytes is the budget planner's"),
+    (["--max-bytes", "20k"], "leaves the linears nothing"),
+    (["--max-bytes", "1G"], "out of reach"),
+    (["--max-bytes", "12x"], "bytes as N or N with k/M/G"),
+    (["--max-bytes", "0"], "at least one byte"),
+])
+def test_max_bytes_refusals_before_any_work(capsys, tmp_path, tiny_model_factory, monkeypatch, argv, msg):
+    def boom(*a, **k):
+        raise AssertionError("calibration started")
+
+    from pbs2p.exporter import calib
+
+    monkeypatch.setattr(calib, "get_windows", boom)
+    out = tmp_path / "m.bin"
+    rc, err = run_export_cli(capsys, [str(tiny_model_factory("llama")), "--out", str(out), *argv, *FAST])
+    assert rc != 0 and msg in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_parse_bytes():
+    from pbs2p.exporter import cli
+
+    assert [cli.parse_bytes(s) for s in ("330057536", "330M", "1.5G", "70k")] == [330057536, 330 * 10 ** 6,
+                                                                                  1_500_000_000, 70_000]
+
+
 def test_plan_resume_gives_identical_bytes(capsys, tmp_path, tiny_model_factory, monkeypatch):
     """An interrupted planned export continues from its checkpoint (plan and Q8_0 / Q4_0 blocks included) and
     writes the bytes of an uninterrupted one."""
