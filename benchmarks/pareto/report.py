@@ -5,7 +5,8 @@ more bytes").
     python benchmarks/pareto/report.py benchmarks/results/pareto-qwen2.5-coder-0.5b.json \
         --png benchmarks/results/pareto-qwen2.5-coder-0.5b.png
 
-The JSON (written by hand from the runs its "commands" list) holds {"model", "fp_ppl", "evaluation",
+The JSON (written by run.py, which runs both engines and records its commands; the older results' by hand
+from the runs their "commands" list) holds {"model", "fp_ppl", "evaluation",
 "commands": [...], "points": [{"engine": "pbs2p" | "llama.cpp", "name", "bytes", "ppl", "detail"}]}, bytes
 being whole files. Prints a markdown table, each pbs2p file with the best llama.cpp file of no more bytes and
 the verdict, each llama.cpp file with pbs2p's best file of no more bytes, and the Pareto front of both.
