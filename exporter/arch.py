@@ -137,6 +137,33 @@ def is_tied(model: torch.nn.Module, fam: Family) -> bool:
     return head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
 
 
+TIE_MAX_REL = 0.25  # --tie-head: the most ||head - table|| / ||head|| of one matrix stored twice (two quantizations)
+
+
+def tie_head(model: torch.nn.Module, fam: Family) -> float | None:
+    """--tie-head: one matrix for the token table and the output head, the head's values (a GGUF of a model trained
+    with tied embeddings may store the matrix twice, e.g. Q4_K table and Q6_K head; the head's is then the finer
+    copy). Returns ||head - table|| / ||head|| before tying, None when they were tied already; a ValueError when the
+    two are different matrices (relative difference above TIE_MAX_REL) or shapes."""
+    head, emb = get_module(model, fam.head), get_module(model, fam.embed)
+    if is_tied(model, fam):
+        return None
+    if head.weight.shape != emb.weight.shape:
+        raise ValueError(f"the output head {tuple(head.weight.shape)} and the token table {tuple(emb.weight.shape)} "
+                         "have different shapes: they cannot be one matrix")
+    with torch.no_grad():
+        h = head.weight.detach().float()
+        rel = float((h - emb.weight.detach().float()).norm() / h.norm().clamp_min(1e-30))
+        if not rel <= TIE_MAX_REL:
+            raise ValueError(f"the output head and the token table differ by {100 * rel:.1f}% (relative norm; at "
+                             f"most {100 * TIE_MAX_REL:.0f}% for two copies of one matrix): this model's head is "
+                             "not tied")
+        emb.weight.data.copy_(head.weight.data)
+    head.weight = emb.weight
+    model.config.tie_word_embeddings = True
+    return rel
+
+
 def rope_scaling(config: Any) -> dict | None:
     """HF's rope scaling dict (transformers 5 folds it into rope_parameters), or None when there is none."""
     rs = getattr(config, "rope_scaling", None)

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=128, help="column block of scales (multiple of 64)")
     ap.add_argument("--embed-type", default="q8_0", choices=sorted(EMBED_TYPES),
                     help="embeddings / output head type (default q8_0)")
+    ap.add_argument("--tie-head", action="store_true",
+                    help="store one matrix for the token table and the output head (the head's values) where the "
+                         "source holds two copies of one matrix, e.g. a GGUF of a model trained with tied "
+                         "embeddings; refused when they differ by more than 25%%")
     ap.add_argument("--coarse", action="store_true",
                     help="the paper's CFS coarse stage: per-block N from block input/output cosine (off by default: "
                          "it raised perplexity on both Qwen2.5-Coder models measured, docs/algorithm.md)")
@@ -126,7 +130,7 @@ def config_from_args(a: argparse.Namespace) -> QuantConfig:
     return QuantConfig(method=method, nm=parse_nm(a.nm) if method not in ("plan", "fp16") else None,
                        bpw=a.bpw, max_bytes=a.max_bytes, codes=tuple(c.strip() for c in a.codes.split(",") if c.strip()),
                        sensitivity=a.sensitivity, measurements=a.measurements, coarse=a.coarse, solver=solver,
-                       embed_type=a.embed_type,
+                       embed_type=a.embed_type, tie_head=a.tie_head,
                        calib=a.calib, nsamples=nsamples, seqlen=seqlen, seed=a.seed, device=a.device,
                        progress=not a.quiet,
                        checkpoint=None if a.no_checkpoint else (a.checkpoint_dir or f"{a.out}.ckpt"))

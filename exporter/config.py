@@ -67,6 +67,7 @@ class QuantConfig:
     codes: tuple[str, ...] = planner.DEFAULT_CODES  # method "plan": the codes it may choose from
     sensitivity: str = "fisher"  # method "plan": the damage estimate (planner.SENSITIVITIES)
     measurements: str | None = None  # method "plan": JSON file of pass 1's table, reused when it matches, else written
+    tie_head: bool = False  # one matrix for token table and output head (arch.tie_head), when the model stores two
     max_bytes: int | None = None  # method "plan", in place of bpw: the whole file's bytes at most (driver.quantize
     #                               turns it into the bpw the linears can have beside the rest of the file)
 

@@ -443,6 +443,14 @@ def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | 
     ck, fresh_ck = _open_checkpoint(cfg, resume, force)
     loaded = load_model(model, tokenizer)
     fam = arch.family_of(loaded.model.config)
+    if cfg.tie_head:
+        try:
+            rel = arch.tie_head(loaded.model, fam)
+        except ValueError as e:
+            raise ExportError(f"--tie-head: {e}") from None
+        log("--tie-head: the model's head and token table are one tensor already" if rel is None else
+            f"--tie-head: one matrix for the head and the token table, the head's values (they differed by "
+            f"{100 * rel:.2f}%)")
     if out_format == "gguf-llama":
         from .gguf_llama import check_family
 
