@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="pbs2p files no bigger than llama.cpp's file of type T (one of --llama)")
     ap.add_argument("--sb-code", default="nm", choices=("nm", "planes"))
     ap.add_argument("--embed-type", default="q4_0")
+    ap.add_argument("--tie-head", action="store_true", help="pbs2p-export --tie-head (files named ...-tied)")
     ap.add_argument("--llama", nargs="*", default=[], metavar="T", help="llama.cpp types, T or T-h4")
     ap.add_argument("--llama-bin", type=Path, help="folder of llama-imatrix and llama-quantize")
     ap.add_argument("--threads", type=int, default=2)
@@ -142,22 +143,23 @@ def main(argv: list[str] | None = None) -> int:
                 points.append({"engine": "llama.cpp", "name": t, "bytes": f.stat().st_size,
                                "ppl": round(read_ppl(e), 2), "detail": "output and token table Q4_0" if h4 else ""})
 
-    stem = "nm" if a.sb_code == "nm" else "q"
-    budgets = [(f"{stem}{b:g}", ["--bpw", f"{b:g}"], f"--bpw {b:g}") for b in a.bpw]
+    stem, tied = "nm" if a.sb_code == "nm" else "q", "-tied" if a.tie_head else ""
+    budgets = [(f"{stem}{b:g}{tied}", ["--bpw", f"{b:g}"], f"--bpw {b:g}") for b in a.bpw]
     for t in a.max_bytes_of:
         size = (a.work / f"l-{t}.gguf").stat().st_size if not a.dry_run else 0
-        budgets.append((f"{stem}-le-{t}", ["--max-bytes", str(size)], f"--max-bytes {size} (≤ {t})"))
+        budgets.append((f"{stem}-le-{t}{tied}", ["--max-bytes", str(size)], f"--max-bytes {size} (≤ {t})"))
     for stem_b, flag, label in budgets:
         f = a.work / f"{stem_b}.bin"
         log = a.work / f"{stem_b}.log"
         r.step(f, ["pbs2p-export", str(model), *flag, *(["--sb-code", "nm"] if a.sb_code == "nm" else []),
-                   "--embed-type", a.embed_type, "--calib", str(Path(a.calib).resolve()), "--nsamples",
+                   "--embed-type", a.embed_type, *(["--tie-head"] if a.tie_head else []), "--calib", str(Path(a.calib).resolve()), "--nsamples",
                    str(a.nsamples), "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--measurements",
-                   "pass1.json", "--out", f.name, "--no-checkpoint", "-q"], log)
+                   f"pass1{tied}.json", "--out", f.name, "--no-checkpoint", "-q"], log)
         e = a.work / f"{stem_b}.eval"
         r.step(e, [*ev, "--runtime", f.name], e)
         if not a.dry_run:
-            points.append({"engine": "pbs2p", "name": label + (" --sb-code nm" if a.sb_code == "nm" else " (planes)"),
+            points.append({"engine": "pbs2p", "name": label + (" --sb-code nm" if a.sb_code == "nm" else " (planes)")
+                           + (" --tie-head" if a.tie_head else ""),
                            "bytes": f.stat().st_size, "ppl": round(read_ppl(e), 2),
                            "detail": plan_detail(log.read_text())})
     if a.dry_run:
