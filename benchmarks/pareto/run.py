@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         f = a.work / f"{stem_b}.bin"
         log = a.work / f"{stem_b}.log"
         r.step(f, ["pbs2p-export", str(model), *flag, *(["--sb-code", "nm"] if a.sb_code == "nm" else []),
-                   "--embed-type", a.embed_type, *(["--tie-head"] if a.tie_head else []), "--calib", str(Path(a.calib).resolve()), "--nsamples",
-                   str(a.nsamples), "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--measurements",
+                   "--embed-type", a.embed_type, *(["--tie-head"] if a.tie_head else []),
+                   "--calib", str(Path(a.calib).resolve()), "--nsamples", str(a.nsamples),
+                   "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--measurements",
                    f"pass1{tied}.json", "--out", f.name, "--no-checkpoint", "-q"], log)
         e = a.work / f"{stem_b}.eval"
         r.step(e, [*ev, "--runtime", f.name], e)
