@@ -128,7 +128,8 @@ def config_from_args(a: argparse.Namespace) -> QuantConfig:
     seqlen = a.seqlen if a.seqlen is not None else (calib.PAPER_SEQLEN if a.paper else calib.DEFAULT_SEQLEN)
     method = a.method or ("plan" if a.bpw is not None or a.max_bytes is not None else "pbs2p")
     return QuantConfig(method=method, nm=parse_nm(a.nm) if method not in ("plan", "fp16") else None,
-                       bpw=a.bpw, max_bytes=a.max_bytes, codes=tuple(c.strip() for c in a.codes.split(",") if c.strip()),
+                       bpw=a.bpw, max_bytes=a.max_bytes,
+                       codes=tuple(c.strip() for c in a.codes.split(",") if c.strip()),
                        sensitivity=a.sensitivity, measurements=a.measurements, coarse=a.coarse, solver=solver,
                        embed_type=a.embed_type, tie_head=a.tie_head,
                        calib=a.calib, nsamples=nsamples, seqlen=seqlen, seed=a.seed, device=a.device,

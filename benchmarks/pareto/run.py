@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.dry_run:
         return 0
     doc = {"model": a.name, "fp_ppl": round(read_ppl(fp), 2),
-           "evaluation": f"{Path(a.text).name}, first {a.windows} windows x {a.eval_seqlen}, no BOS; pbs2p files through the C "
-                         "runtime (int8 activations), llama.cpp files through transformers' GGUF dequantization",
+           "evaluation": f"{Path(a.text).name}, first {a.windows} windows x {a.eval_seqlen}, no BOS; pbs2p files "
+                         "through the C runtime (int8 activations), llama.cpp files through transformers' GGUF "
+                         "dequantization",
            "commands": [c.replace(str(model), model.name).replace(str(Path(a.text).resolve()), Path(a.text).name)
                         .replace(str(Path(a.calib).resolve()), Path(a.calib).name) for c in r.commands],
            "points": points}
