@@ -1,11 +1,14 @@
-"""benchmarks/pareto/report.py: each pbs2p file is judged against llama.cpp's best file of no more bytes (a bigger
-llama.cpp file, however good, is not the comparison; a smaller, worse one does not hide a better one)."""
+"""benchmarks/pareto: report.py judges each pbs2p file against llama.cpp's best file of no more bytes (a bigger
+llama.cpp file, however good, is not the comparison; a smaller, worse one does not hide a better one); run.py
+runs and collects a comparison; tie_gguf.py stores a tied source's matrix once."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "pareto" / "report.py"
 RUN = REPORT.with_name("run.py")
@@ -86,3 +89,48 @@ def test_run_makes_and_then_only_collects(tmp_path, tiny_model_factory):
     assert "+ " not in r.stderr, r.stderr
     assert {f.name: f.stat().st_mtime_ns for f in work.iterdir()} == times
     assert json.loads(out.read_text()) == doc
+
+
+def test_tie_gguf_drops_the_second_copy(tmp_path, tiny_model_factory):
+    """benchmarks/pareto/tie_gguf.py on a stock GGUF of an untied model whose head is a copy of its table: every key
+    and tensor kept byte for byte except output.weight, whose bytes and type token_embd.weight takes; the model
+    transformers reads from it has its head tied to those values. Two different matrices are refused."""
+    import importlib.util
+
+    import gguf
+    import torch
+    import transformers
+
+    from pbs2p.exporter import config, driver, models
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"))
+    with torch.no_grad():
+        e = m.get_input_embeddings().weight
+        m.lm_head.weight.copy_(e * 1.02)
+    d = tmp_path / "twice"
+    m.save_pretrained(d)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_factory("llama")).save_pretrained(d)
+    src, out = tmp_path / "src.gguf", tmp_path / "tied.gguf"
+    driver.export(str(d), src, config.QuantConfig(method="fp16", progress=False), format="gguf-llama")
+    spec = importlib.util.spec_from_file_location("tie_gguf", RUN.with_name("tie_gguf.py"))
+    tg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tg)
+    assert 0.015 < tg.tie(src, out) < 0.025
+    a, b = gguf.GGUFReader(src), gguf.GGUFReader(out)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(tb) == set(ta) - {"output.weight"}
+    for name, t in tb.items():
+        s = ta["output.weight"] if name == "token_embd.weight" else ta[name]
+        assert t.tensor_type == s.tensor_type and bytes(t.data) == bytes(s.data), name
+    keys = lambda r: {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}  # noqa: E731
+    assert keys(a) == keys(b)
+    tied = models.load_gguf_model(out)
+    assert tied.lm_head.weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+    assert torch.allclose(tied.lm_head.weight, models.load_gguf_model(src).lm_head.weight)
+
+    driver.export(str(tiny_model_factory("llama")), tmp_path / "two.gguf", config.QuantConfig(method="fp16",
+                                                                                          progress=False),
+                  format="gguf-llama")
+    with pytest.raises(SystemExit, match="not one matrix"):
+        tg.tie(tmp_path / "two.gguf", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
