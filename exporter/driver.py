@@ -461,10 +461,11 @@ def quantize(model: Any = None, config: QuantConfig | None = None, calib: str | 
         check_onnx(runtime=False)
     shapes = {f"blk.{li}.{g}": tuple(lin.weight.shape) for li, layer in enumerate(arch.blocks(loaded.model, fam))
               for _, g, lin in arch.block_linears(layer, fam)}
-    # --max-bytes: checked here with an empty calibration description (before any work), set once it is known
+    if cfg.max_bytes is None:
+        cfg.plan_shapes_check(shapes)
+    else:  # checked with an empty calibration description before any work, set once the description is known
+        resolve_max_bytes(cfg, loaded, fam, "", shapes, quiet=True)
     budget = cfg
-    (resolve_max_bytes(cfg, loaded, fam, "", shapes, quiet=True) if cfg.max_bytes is not None else cfg
-     ).plan_shapes_check(shapes)
     set_determinism(cfg.seed)
     windows, desc = None, "none"
     if ck is not None:
