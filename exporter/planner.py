@@ -246,7 +246,7 @@ def measure(model: Any, fam: Any, windows: torch.Tensor, base: solver.SolverConf
 # recounts every code's bytes for the export at hand, and one table serves planes and N:M-code exports alike.
 
 MEASUREMENTS_VERSION = 1
-_BUDGET_FIELDS = frozenset({"bpw", "measurements", "embed_type"})  # what pass 1 does not read
+_BUDGET_FIELDS = frozenset({"bpw", "max_bytes", "measurements", "embed_type"})  # what pass 1 does not read
 
 
 def measurements_key(cfg: Any, model: Any, windows: torch.Tensor) -> str:
