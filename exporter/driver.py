@@ -412,7 +412,7 @@ def resolve_max_bytes(cfg: QuantConfig, loaded: Any, fam: arch.Family, calibrati
     bound of the rest of the file (writer.rest_bytes), so the file holds at most N bytes; other configs as they are."""
     if cfg.max_bytes is None:
         return cfg
-    rest = writer.rest_bytes(loaded, fam, cfg, calibration, cfg.codes)
+    rest = writer.rest_bytes(loaded, fam, cfg, calibration)
     weights = sum(r * k for r, k in shapes.values())
     if cfg.max_bytes <= rest:
         raise ExportError(f"--max-bytes {cfg.max_bytes:,}: the file's embeddings, norms, tokenizer and metadata take "

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 from typing import Any, Iterator
 
 import gguf
-
 import numpy as np
 import torch
 
@@ -120,28 +119,27 @@ _LONGEST_SUFFIX = max((fmt.SUFFIX_PLANES, fmt.SUFFIX_Q3, fmt.SUFFIX_WEIGHT, fmt.
 _WIDE_INT, _WIDE_FLOAT, _WIDE_POS = 10 ** 15, -1.2345678901234567e-300, 1.2345678901234567e+300
 
 
-def rest_bytes(loaded: Any, fam: arch.Family, cfg: QuantConfig, calibration: str, codes: tuple[str, ...]) -> int:
+def rest_bytes(loaded: Any, fam: arch.Family, cfg: QuantConfig, calibration: str) -> int:
     """An upper bound of the bytes a planned export's file spends on everything but its linears' tensor data
     (header, keys with the plan and tokenizer, embeddings, norms, biases, tensor infos, padding): a file whose
     linears hold B bytes of data is at most rest_bytes + B. Counted by fmt.layout_bytes, with the plan and the
     general.name at their longest."""
-    from pbs2p.format.plan import Plan, PlanEntry
-
     model = loaded.model
     tensors, linears = [], []
     for kind, name, p, gtype in file_tensors(model, fam, cfg):
         if kind == "linear":
-            linears.append((name, p.weight.shape))
+            linears.append(name)
             tensors += [(name + suf, 3, 0) for suf in (_LONGEST_SUFFIX, fmt.SUFFIX_ALPHA, fmt.SUFFIX_MU)]
             continue
         shape = tuple(p.shape)
         n = int(np.prod(shape))
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(gtype))]
         tensors.append((name, len(shape), n // block * size))
-    longest = max(codes, key=len)
-    plan = Plan(_WIDE_POS, cfg.sensitivity, tuple(codes),
-                [PlanEntry(pre, longest, _WIDE_INT, _WIDE_FLOAT, _WIDE_INT) for pre, _ in linears])
-    comp = SimpleNamespace(loaded=loaded, model=model, family=fam, cfg=dataclasses.replace(cfg, bpw=_WIDE_POS, max_bytes=None),
+    longest = max(cfg.codes, key=len)
+    plan = fmt.Plan(_WIDE_POS, cfg.sensitivity, tuple(cfg.codes),
+                    [fmt.PlanEntry(pre, longest, _WIDE_INT, _WIDE_FLOAT, _WIDE_INT) for pre in linears])
+    comp = SimpleNamespace(loaded=loaded, model=model, family=fam,
+                           cfg=dataclasses.replace(cfg, bpw=_WIDE_POS, max_bytes=None),
                            nm_n=[0] * len(arch.blocks(model, fam)), calibration=calibration, plan=plan)
     kv = build_metadata(comp)
     return fmt.layout_bytes(fam.name, kv, tensors) + 3 * (fmt.ALIGNMENT - 1) * len(linears)
