@@ -65,6 +65,7 @@ def test_run_reads_the_plan_table_the_exporter_prints():
                      fmt.PlanEntry("blk.0.ffn_down", "q8_0", 34, 0.0, 32)])
     log = "calibration: x\n" + plan.table(per_layer=False) + "\nmethod plan, calibration: x\n"
     assert _run_module().plan_detail(log) == "1 Q8_0, 2 Q3, 1 PBS²P 6:8"  # by bytes, as printed
+    assert _run_module().plan_detail(plan.table(per_layer=False) + "\n" + log) == "1 Q8_0, 2 Q3, 1 PBS²P 6:8"
 
 
 def test_run_makes_and_then_only_collects(tmp_path, tiny_model_factory):

@@ -33,8 +33,9 @@ def code_name(code: str) -> str:
 
 
 def plan_detail(log: str) -> str:
-    """"96 Q3, 31 Q4_0, 41 Q8_0" from the plan table an export prints (exporter writer.summary)."""
-    rows = re.findall(r"^  (\S+)\s+(\d+) linears\s", log, re.M)
+    """"96 Q3, 31 Q4_0, 41 Q8_0" from the plan table an export prints (exporter writer.summary; the export also
+    prints it once when it plans: the last one is read)."""
+    rows = re.findall(r"^  (\S+)\s+(\d+) linears\s", log[log.rfind("plan: target"):], re.M)
     return ", ".join(f"{n} {code_name(c)}" for c, n in rows)
 
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
            "evaluation": f"{Path(a.text).name}, first {a.windows} windows x {a.eval_seqlen}, no BOS; pbs2p files "
                          "through the C runtime (int8 activations), llama.cpp files through transformers' GGUF "
                          "dequantization",
-           "commands": [c.replace(str(model), model.name).replace(str(Path(a.text).resolve()), Path(a.text).name)
+           "commands": [c.replace(f"{a.llama_bin}/", "").replace(str(model), model.name).replace(str(Path(a.text).resolve()), Path(a.text).name)
                         .replace(str(Path(a.calib).resolve()), Path(a.calib).name) for c in r.commands],
            "points": points}
     s = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
